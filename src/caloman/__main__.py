@@ -1,0 +1,5 @@
+import sys
+
+from caloman.cli import main
+
+sys.exit(main())

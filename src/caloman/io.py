@@ -1,0 +1,268 @@
+"""Reading and writing CaloChallenge HDF5 shower files.
+
+A file holds two datasets, both in MeV: ``incident_energies`` of shape (N, 1)
+and ``showers`` of shape (N, n_voxels). Reading streams in chunks so that even
+dataset 3 (40,500 voxels) never needs the whole file in memory; every value is
+validated as it is read. Writing goes to a temporary file in the target
+directory that is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from caloman.errors import InvalidEnergyError, ShowerFileError, VoxelCountError
+from caloman.geometry import Binning, load_binning
+
+INCIDENT_KEY = "incident_energies"
+SHOWERS_KEY = "showers"
+
+#: Showers read per chunk is chosen so a chunk holds about this many values.
+_VALUES_PER_CHUNK = 4_000_000
+
+
+def default_chunk_size(n_voxels: int) -> int:
+    """Number of showers per streamed chunk for a given voxel count."""
+    return max(1, _VALUES_PER_CHUNK // max(1, n_voxels))
+
+
+class ShowerFile:
+    """A validated, read-only CaloChallenge file opened for streaming.
+
+    Use as a context manager::
+
+        with ShowerFile("showers.h5", binning="ds1-photons") as f:
+            for incident_energies, showers in f.iter_chunks():
+                ...
+
+    On open the keys, shapes, voxel count and incident energies are checked;
+    with ``check_values=True`` (default) every voxel is scanned for NaN,
+    infinities and negative values in one streaming pass. Chunks returned by
+    :meth:`iter_chunks` and :meth:`read` are validated again as they are read.
+    """
+
+    def __init__(self, path: str | Path, binning: str | Path | Binning | None = None,
+                 *, check_values: bool = True) -> None:
+        self.path = Path(path)
+        self.binning = load_binning(binning) if binning is not None else None
+        if not self.path.exists():
+            raise ShowerFileError(f"{self.path}: no such file")
+        try:
+            self._h5 = h5py.File(self.path, "r")
+        except OSError as exc:
+            raise ShowerFileError(
+                f"{self.path}: cannot be opened as HDF5 ({exc}); the file is corrupt or truncated, "
+                "re-create or re-download it") from exc
+        try:
+            self._check_structure()
+            self.incident_energies = self._read_incident_energies()
+            if check_values:
+                for _ in self.iter_chunks():
+                    pass
+        except BaseException:
+            self._h5.close()
+            raise
+
+    # -- structure ---------------------------------------------------------
+    def _check_structure(self) -> None:
+        missing = [k for k in (INCIDENT_KEY, SHOWERS_KEY) if k not in self._h5]
+        if missing:
+            raise ShowerFileError(
+                f"{self.path}: missing dataset(s) {', '.join(missing)}; a CaloChallenge file needs "
+                f"'{INCIDENT_KEY}' (N, 1) and '{SHOWERS_KEY}' (N, n_voxels)")
+        inc, sh = self._h5[INCIDENT_KEY], self._h5[SHOWERS_KEY]
+        if not isinstance(inc, h5py.Dataset) or not isinstance(sh, h5py.Dataset):
+            raise ShowerFileError(f"{self.path}: '{INCIDENT_KEY}' and '{SHOWERS_KEY}' must be datasets, not groups")
+        if sh.ndim != 2:
+            raise ShowerFileError(f"{self.path}: '{SHOWERS_KEY}' must be 2-dimensional (N, n_voxels), has shape {sh.shape}")
+        if inc.ndim not in (1, 2) or (inc.ndim == 2 and inc.shape[1] != 1):
+            raise ShowerFileError(f"{self.path}: '{INCIDENT_KEY}' must have shape (N, 1), has {inc.shape}")
+        if inc.shape[0] != sh.shape[0]:
+            raise ShowerFileError(
+                f"{self.path}: {inc.shape[0]} incident energies but {sh.shape[0]} showers; the file is inconsistent")
+        if self.binning is not None and sh.shape[1] != self.binning.n_voxels:
+            raise VoxelCountError(
+                f"{self.path}: expected {self.binning.n_voxels} voxels from {Path(self.binning.source).name}, "
+                f"file has {sh.shape[1]}; pass the binning the file was made with")
+        self._showers = sh
+
+    def _read_incident_energies(self) -> np.ndarray:
+        try:
+            e = np.asarray(self._h5[INCIDENT_KEY][...], dtype=np.float64).reshape(-1)
+        except OSError as exc:
+            raise ShowerFileError(f"{self.path}: incident energies unreadable ({exc}); the file is corrupt") from exc
+        bad = ~np.isfinite(e) | (e <= 0)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise InvalidEnergyError(
+                f"{self.path}: incident energy of shower {i} is {e[i]!r}; incident energies must be positive and finite (MeV)")
+        return e
+
+    # -- access ------------------------------------------------------------
+    @property
+    def n_showers(self) -> int:
+        return int(self._showers.shape[0])
+
+    @property
+    def n_voxels(self) -> int:
+        return int(self._showers.shape[1])
+
+    def __len__(self) -> int:
+        return self.n_showers
+
+    def read(self, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Incident energies (n,) and showers (n, n_voxels) of rows [start, stop), validated."""
+        stop = self.n_showers if stop is None else min(stop, self.n_showers)
+        try:
+            block = np.asarray(self._showers[start:stop])
+        except OSError as exc:
+            raise ShowerFileError(
+                f"{self.path}: showers {start}..{stop} unreadable ({exc}); the file is corrupt or truncated") from exc
+        check_voxel_energies(block, where=f"{self.path}", offset=start)
+        return self.incident_energies[start:stop], block
+
+    def iter_chunks(self, chunk_size: int | None = None, *, stop: int | None = None
+                    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield (incident_energies, showers) chunks in file order."""
+        size = chunk_size or default_chunk_size(self.n_voxels)
+        end = self.n_showers if stop is None else min(stop, self.n_showers)
+        for start in range(0, end, size):
+            yield self.read(start, min(start + size, end))
+
+    def close(self) -> None:
+        self._h5.close()
+
+    def __enter__(self) -> ShowerFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def check_voxel_energies(showers: np.ndarray, *, where: str = "showers", offset: int = 0) -> None:
+    """Raise :class:`InvalidEnergyError` for NaN, infinite or negative voxel energies."""
+    finite = np.isfinite(showers)
+    if not finite.all():
+        row = int(np.argwhere(~finite)[0, 0])
+        raise InvalidEnergyError(f"{where}: shower {offset + row} has NaN or infinite voxel energies")
+    if (showers < 0).any():
+        row, col = (int(v) for v in np.argwhere(showers < 0)[0])
+        raise InvalidEnergyError(
+            f"{where}: shower {offset + row} has a negative voxel energy ({showers[row, col]!r} MeV in voxel {col})")
+
+
+def load_showers(path: str | Path, binning: str | Path | Binning | None = None,
+                 max_showers: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Read a whole file (or its first ``max_showers``) into memory.
+
+    Returns incident energies (N,) in MeV (float64) and showers (N, n_voxels).
+    """
+    with ShowerFile(path, binning, check_values=False) as f:
+        stop = f.n_showers if max_showers is None else min(max_showers, f.n_showers)
+        chunks = list(f.iter_chunks(stop=stop))
+    if not chunks:
+        return np.zeros(0), np.zeros((0, f.n_voxels), dtype=np.float32)
+    return np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
+
+
+@contextmanager
+def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` on success,
+    delete it on any error, so ``path`` is never left half written."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix or ".tmp", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+class ShowerWriter:
+    """Stream showers into a new CaloChallenge file, atomically.
+
+    ::
+
+        with ShowerWriter("out.h5", n_voxels=368) as w:
+            w.append(incident_energies, showers)
+
+    The file appears at its path only when the ``with`` block ends without error.
+    """
+
+    def __init__(self, path: str | Path, n_voxels: int, *, binning: str | Path | Binning | None = None,
+                 dtype: np.dtype | type = np.float32, compression_level: int = 4,
+                 attrs: dict[str, str | int | float] | None = None) -> None:
+        self.path = Path(path)
+        self.binning = load_binning(binning) if binning is not None else None
+        if self.binning is not None and self.binning.n_voxels != n_voxels:
+            raise VoxelCountError(
+                f"{self.path}: binning {self.binning.name} has {self.binning.n_voxels} voxels, writer asked for {n_voxels}")
+        self.n_voxels = n_voxels
+        self.dtype = np.dtype(dtype)
+        self.compression_level = compression_level
+        self.attrs = attrs or {}
+        self.n_written = 0
+        self._ctx = None
+        self._h5: h5py.File | None = None
+
+    def __enter__(self) -> ShowerWriter:
+        self._ctx = atomic_path(self.path, suffix=".h5.tmp")
+        tmp = self._ctx.__enter__()
+        self._h5 = h5py.File(tmp, "w")
+        rows = min(default_chunk_size(self.n_voxels), max(1, 2**18 // self.n_voxels))
+        self._inc = self._h5.create_dataset(INCIDENT_KEY, shape=(0, 1), maxshape=(None, 1), dtype=self.dtype,
+                                            chunks=(4096, 1), compression="gzip",
+                                            compression_opts=self.compression_level)
+        self._sh = self._h5.create_dataset(SHOWERS_KEY, shape=(0, self.n_voxels), maxshape=(None, self.n_voxels),
+                                           dtype=self.dtype, chunks=(rows, self.n_voxels), compression="gzip",
+                                           compression_opts=self.compression_level)
+        for key, value in self.attrs.items():
+            self._h5.attrs[key] = value
+        return self
+
+    def append(self, incident_energies: np.ndarray, showers: np.ndarray) -> None:
+        """Append showers (n, n_voxels) with incident energies (n,) or (n, 1), in MeV."""
+        assert self._h5 is not None, "use ShowerWriter as a context manager"
+        inc = np.asarray(incident_energies, dtype=np.float64).reshape(-1, 1)
+        sh = np.asarray(showers)
+        if sh.ndim != 2 or sh.shape[1] != self.n_voxels:
+            raise VoxelCountError(f"{self.path}: expected showers of shape (n, {self.n_voxels}), got {sh.shape}")
+        if inc.shape[0] != sh.shape[0]:
+            raise ShowerFileError(f"{self.path}: {inc.shape[0]} incident energies for {sh.shape[0]} showers")
+        if not (np.isfinite(inc).all() and (inc > 0).all()):
+            raise InvalidEnergyError(f"{self.path}: incident energies must be positive and finite")
+        check_voxel_energies(sh, where=str(self.path), offset=self.n_written)
+        n = sh.shape[0]
+        self._inc.resize(self.n_written + n, axis=0)
+        self._sh.resize(self.n_written + n, axis=0)
+        self._inc[self.n_written:] = inc
+        self._sh[self.n_written:] = sh
+        self.n_written += n
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        assert self._h5 is not None and self._ctx is not None
+        self._h5.close()
+        self._ctx.__exit__(exc_type, exc, tb)
+
+
+def write_showers(path: str | Path, incident_energies: np.ndarray, showers: np.ndarray, *,
+                  binning: str | Path | Binning | None = None, dtype: np.dtype | type = np.float32,
+                  attrs: dict[str, str | int | float] | None = None) -> Path:
+    """Write a whole CaloChallenge file atomically; returns its path."""
+    showers = np.asarray(showers)
+    with ShowerWriter(path, showers.shape[1], binning=binning, dtype=dtype, attrs=attrs) as w:
+        chunk = default_chunk_size(showers.shape[1])
+        for start in range(0, showers.shape[0], chunk):
+            w.append(np.asarray(incident_energies).reshape(-1)[start:start + chunk], showers[start:start + chunk])
+    return Path(path)
