@@ -1,0 +1,113 @@
+import h5py
+import numpy as np
+import pytest
+
+from caloman.errors import InvalidEnergyError, ShowerFileError, VoxelCountError
+from caloman.io import ShowerFile, ShowerWriter, load_showers, write_showers
+
+
+def _data(n=10, v=368, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.uniform(256, 4096, n), rng.gamma(0.5, 10.0, (n, v)).astype(np.float32)
+
+
+def _raw(path, inc, sh):
+    with h5py.File(path, "w") as f:
+        if inc is not None:
+            f["incident_energies"] = inc
+        if sh is not None:
+            f["showers"] = sh
+
+
+def test_round_trip_and_chunks(tmp_path):
+    inc, sh = _data(1000)
+    p = write_showers(tmp_path / "a.h5", inc, sh, binning="ds1-photons")
+    with h5py.File(p) as f:
+        assert f["incident_energies"].shape == (1000, 1)
+        assert f["showers"].compression == "gzip"
+    inc2, sh2 = load_showers(p, "ds1-photons")
+    assert np.allclose(inc2, inc.astype(np.float32))
+    assert np.array_equal(sh2, sh)
+    with ShowerFile(p, "ds1-photons") as f:
+        chunks = list(f.iter_chunks(chunk_size=300))
+    assert [len(c[0]) for c in chunks] == [300, 300, 300, 100]
+    assert np.array_equal(np.concatenate([c[1] for c in chunks]), sh)
+
+
+def test_writer_is_atomic(tmp_path):
+    inc, sh = _data()
+    target = tmp_path / "out.h5"
+    with pytest.raises(RuntimeError):
+        with ShowerWriter(target, 368) as w:
+            w.append(inc, sh)
+            raise RuntimeError("interrupted")
+    assert not target.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writer_rejects_bad_values_and_leaves_nothing(tmp_path):
+    inc, sh = _data()
+    sh[3, 5] = np.nan
+    with pytest.raises(InvalidEnergyError, match="shower 3"):
+        write_showers(tmp_path / "x.h5", inc, sh)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_wrong_voxel_count(tmp_path):
+    inc, sh = _data(v=533)
+    p = write_showers(tmp_path / "pions.h5", inc, sh)
+    with pytest.raises(VoxelCountError, match="expected 368 voxels .* file has 533"):
+        ShowerFile(p, "ds1-photons")
+
+
+@pytest.mark.parametrize("which", ["incident_energies", "showers"])
+def test_missing_key(tmp_path, which):
+    inc, sh = _data()
+    p = tmp_path / "m.h5"
+    _raw(p, None if which == "incident_energies" else inc[:, None], None if which == "showers" else sh)
+    with pytest.raises(ShowerFileError, match=which):
+        ShowerFile(p)
+
+
+def test_shape_mismatch(tmp_path):
+    inc, sh = _data()
+    p = tmp_path / "s.h5"
+    _raw(p, inc[:5, None], sh)
+    with pytest.raises(ShowerFileError, match="5 incident energies but 10 showers"):
+        ShowerFile(p)
+
+
+@pytest.mark.parametrize("bad", [np.nan, -1.0, np.inf])
+def test_bad_voxel_values(tmp_path, bad):
+    inc, sh = _data()
+    sh[7, 2] = bad
+    p = tmp_path / "v.h5"
+    _raw(p, inc[:, None], sh)
+    with pytest.raises(InvalidEnergyError, match="shower 7"):
+        ShowerFile(p)
+
+
+@pytest.mark.parametrize("bad", [0.0, -5.0, np.nan])
+def test_bad_incident_energies(tmp_path, bad):
+    inc, sh = _data()
+    inc[4] = bad
+    p = tmp_path / "e.h5"
+    _raw(p, inc[:, None], sh)
+    with pytest.raises(InvalidEnergyError, match="shower 4"):
+        ShowerFile(p)
+
+
+def test_corrupt_and_truncated(tmp_path):
+    p = tmp_path / "junk.h5"
+    p.write_bytes(b"this is not hdf5" * 100)
+    with pytest.raises(ShowerFileError, match="corrupt or truncated"):
+        ShowerFile(p)
+    inc, sh = _data(2000)
+    good = write_showers(tmp_path / "good.h5", inc, sh)
+    data = good.read_bytes()
+    cut = tmp_path / "cut.h5"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ShowerFileError):
+        ShowerFile(cut)
+    with pytest.raises(ShowerFileError, match="no such file"):
+        ShowerFile(tmp_path / "absent.h5")
