@@ -111,3 +111,12 @@ def test_corrupt_and_truncated(tmp_path):
         ShowerFile(cut)
     with pytest.raises(ShowerFileError, match="no such file"):
         ShowerFile(tmp_path / "absent.h5")
+
+
+def test_written_files_have_normal_permissions(tmp_path):
+    import os
+    inc, sh = _data()
+    p = write_showers(tmp_path / "perm.h5", inc, sh)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (p.stat().st_mode & 0o777) == (0o666 & ~umask)
