@@ -1,0 +1,47 @@
+"""``caloman generate RUN --out OUT.h5``: sample showers from a trained run."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from caloman.generation import generate_to_file, incident_energies_from, parse_energy
+from caloman.runs import load_run
+
+logger = logging.getLogger("caloman.cli.generate")
+
+
+def _energy(text: str) -> float:
+    try:
+        return parse_energy(text)
+    except Exception as exc:  # argparse reports ArgumentTypeError as a usage error
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "generate", help="generate showers with a trained run",
+        description="Generate one shower per incident energy with a trained run and write a CaloChallenge file.")
+    parser.add_argument("run_dir", type=Path, metavar="RUN", help="run directory written by caloman train")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--energies-from", type=Path, metavar="REF.h5",
+                        help="use the incident energies of this CaloChallenge file (with --count: its first N)")
+    source.add_argument("--energy", type=_energy, metavar="E",
+                        help="one incident energy for all showers: MeV, or with a unit ('65.5GeV', '1TeV')")
+    parser.add_argument("--count", type=int, metavar="N", help="number of showers (with --energy)")
+    parser.add_argument("--batch-size", type=int, metavar="B", help="showers per chunk (default: by voxel count)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    parser.add_argument("--out", required=True, type=Path, metavar="OUT.h5", help="output file")
+    parser.add_argument("--allow-extrapolation", action="store_true",
+                        help="generate even for energies outside the model's trained range (with a warning)")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    energies = incident_energies_from(reference=args.energies_from, energy=args.energy, count=args.count)
+    loaded = load_run(args.run_dir)
+    generate_to_file(loaded, args.out, energies, batch_size=args.batch_size, seed=args.seed,
+                     energy_policy="warn" if args.allow_extrapolation else "refuse")
+    return 0

@@ -1,0 +1,111 @@
+"""``caloman train FILE --binning B --model M --out RUN``: train a model into a run directory."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+from caloman.config import ConfigFile, load_config
+from caloman.errors import ConfigError, RunDirectoryError
+from caloman.geometry import Binning, load_binning
+from caloman.io import load_showers
+from caloman.models.base import ShowerModel
+from caloman.runs import (
+    CONFIG_FILE,
+    default_model_factory,
+    make_run_config,
+    read_run_config,
+    save_run,
+    write_run_config,
+)
+from caloman.training import CHECKPOINT_DIR, PROFILES, seed_everything, train_model
+
+logger = logging.getLogger("caloman.cli.train")
+
+DEFAULT_MODEL = "caloman"
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "train", help="train a shower model on a CaloChallenge file",
+        description="Train a shower model stage by stage into a run directory (config.json, model.safetensors, "
+                    "history.json, checkpoints/). Settings: profile < --config file < options.")
+    parser.add_argument("file", type=Path, metavar="FILE", help="CaloChallenge HDF5 file with training showers")
+    parser.add_argument("--binning", required=True, help="ds1-photons, ds1-pions, ds2, ds3 or a binning XML path")
+    parser.add_argument("--model", default=None, help=f"model kind (default {DEFAULT_MODEL})")
+    parser.add_argument("--out", required=True, type=Path, metavar="RUN", help="run directory to create")
+    parser.add_argument("--profile", choices=PROFILES, default=None,
+                        help="quick (default: minutes on a CPU) or full (the paper's budget)")
+    parser.add_argument("--config", type=Path, metavar="CFG.toml",
+                        help="TOML file with [model], [training] and [data] settings")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted run in RUN with its stored settings")
+    parser.add_argument("--seed", type=int, help="seed of the split, initial weights and batches")
+    parser.add_argument("--max-showers", type=int, metavar="N", help="train on the first N showers of FILE")
+    parser.add_argument("--latent-dim", type=int, metavar="D", help="latent dimension (model option latent_dim)")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def build_model(kind: str, binning: Binning, *, profile: str, overrides: dict[str, Any] | None) -> ShowerModel:
+    """The models package's builder (looked up at call time so tests can substitute it)."""
+    from caloman.models import build_model as build
+
+    return build(kind, binning, profile=profile, overrides=overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    out: Path = args.out
+    if args.resume:
+        run_config = read_run_config(out)
+        changed = [opt for opt, value in (("--profile", args.profile), ("--config", args.config),
+                                          ("--seed", args.seed), ("--max-showers", args.max_showers),
+                                          ("--latent-dim", args.latent_dim)) if value is not None]
+        if changed:
+            raise ConfigError(f"--resume continues {out} with the settings stored in {out / CONFIG_FILE}; drop "
+                              f"{', '.join(changed)}, or start a new run with another --out")
+        if args.model is not None and args.model != run_config.model_kind:
+            raise ConfigError(f"{out} holds a '{run_config.model_kind}' run, not '{args.model}'")
+        binning = run_config.load_binning()
+        if load_binning(args.binning).n_voxels != binning.n_voxels:
+            raise ConfigError(f"{out} was trained with binning {run_config.binning_name} ({binning.n_voxels} voxels), "
+                              f"not {args.binning}")
+        training = run_config.training
+        if run_config.data is not None and Path(args.file).resolve() != Path(run_config.data.path):
+            logger.warning("warning: resuming with %s; the run started with %s", args.file, run_config.data.path)
+        elif run_config.data is not None and run_config.data.changed():
+            logger.warning("warning: %s changed (size or time) since the run started; training resumes only if "
+                           "its showers are the same", args.file)
+        model = default_model_factory(run_config.model_kind, run_config.model_config, binning)
+    else:
+        if (out / CONFIG_FILE).exists() or (out / CHECKPOINT_DIR).exists():
+            raise RunDirectoryError(f"{out} already holds a run; pass --resume to continue it, or choose another "
+                                    "--out")
+        binning = load_binning(args.binning)
+        file_config = load_config(args.config) if args.config is not None else ConfigFile(source="defaults")
+        cli = {k: v for k, v in (("seed", args.seed), ("max_showers", args.max_showers)) if v is not None}
+        profile = args.profile or "quick"
+        training = file_config.training_config(profile, **cli)
+        model_overrides = dict(file_config.model)
+        if args.latent_dim is not None:
+            model_overrides["latent_dim"] = args.latent_dim
+        seed_everything(training.seed)  # initial weights follow the seed too
+        model = build_model(args.model or DEFAULT_MODEL, binning, profile=profile,
+                            overrides=model_overrides or None)
+        run_config = None
+
+    incident_energies, showers = load_showers(args.file, binning, max_showers=training.max_showers)
+    if run_config is None:
+        run_config = make_run_config(model, binning, training, data_path=args.file,
+                                     n_showers=len(incident_energies))
+        write_run_config(out, run_config)
+    logger.info("training %s on %d showers of %s (%s, %d voxels) into %s", model.kind, len(incident_energies),
+                args.file, binning.name, binning.n_voxels, out)
+    history = train_model(model, incident_energies, showers, training, out, resume=args.resume)
+    save_run(out, model, binning, training, history, run_config=run_config)
+    for line in history.summary_lines():
+        logger.info("%s", line)
+    logger.info("run saved in %s", out)
+    return 0

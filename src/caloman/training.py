@@ -1,0 +1,783 @@
+"""Training any :class:`~caloman.models.base.ShowerModel`, stage by stage, with
+checkpoints that resume.
+
+One loop serves every model: for each :class:`~caloman.models.base.Stage` in
+order, build its tensors (``stage.make_data``), then mini-batch AdamW on the
+stage's module with a learning-rate schedule, gradient clipping, early
+stopping on the validation loss (the best epoch's weights are restored when
+the stage ends) and a checkpoint after every epoch.
+
+Checkpoints live in ``run_dir/checkpoints`` and load without executing code:
+tensors (model weights, optimizer moments, the best epoch's weights) in
+safetensors files, everything else (epoch, stage, optimizer hyper-parameters,
+RNG states as lists, history) in ``latest.json``. ``latest.json`` is written
+last and names the tensor files it belongs to with their SHA-256, so a crash
+at any moment leaves the previous checkpoint intact: ``resume=True`` loses at
+most the epoch that was running.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import random
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from caloman.errors import ConfigError, RunDirectoryError, TrainingDivergedError
+from caloman.io import atomic_path
+from caloman.models.base import ShowerModel, Stage
+from caloman.progress import ProgressBar
+
+logger = logging.getLogger("caloman.training")
+
+#: Learning-rate schedules understood by :func:`learning_rate_at`.
+LR_SCHEDULES = ("cosine", "plateau", "constant")
+
+CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_FILE = "latest.json"
+CHECKPOINT_FORMAT = "caloman-checkpoint/1"
+
+#: Training settings that may change between an interrupted run and its resumption
+#: (they extend or shorten training, or only affect speed); any other change is refused.
+RESUMABLE_CHANGES = frozenset({"epochs", "stage_epochs", "patience", "num_threads", "device"})
+
+
+# ---------------------------------------------------------------------------
+# configuration
+# ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrainingConfig:
+    """How a model is trained (the same for every model kind).
+
+    ``patience`` and ``grad_clip_norm`` are disabled by 0 (TOML has no null).
+    ``stage_epochs`` / ``stage_learning_rates`` override ``epochs`` /
+    ``learning_rate`` for the named stages.
+    """
+
+    epochs: int = 20
+    batch_size: int = 256
+    learning_rate: float = 1e-3
+    #: "cosine" (from learning_rate down to min_learning_rate over the stage),
+    #: "plateau" (times plateau_factor after plateau_patience epochs without improvement) or "constant".
+    lr_schedule: str = "cosine"
+    #: epochs of linear warm-up from learning_rate / (warmup_epochs + 1) before the schedule starts
+    warmup_epochs: int = 0
+    min_learning_rate: float = 0.0
+    plateau_factor: float = 0.5
+    plateau_patience: int = 3
+    weight_decay: float = 0.0
+    #: early stopping: end a stage after this many epochs without a lower validation loss (0: never)
+    patience: int = 10
+    #: clip the global gradient norm to this value (0: no clipping)
+    grad_clip_norm: float = 5.0
+    validation_fraction: float = 0.2
+    seed: int = 0
+    #: use only the first max_showers showers of the file (None: all)
+    max_showers: int | None = None
+    #: torch CPU threads during training (None: torch's default)
+    num_threads: int | None = None
+    #: "cpu", "cuda", "cuda:1", ... or "auto" (cuda when available)
+    device: str = "cpu"
+    stage_epochs: dict[str, int] = field(default_factory=dict)
+    stage_learning_rates: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.epochs < 1:
+            problems.append(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.learning_rate > 0:
+            problems.append(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            problems.append(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.warmup_epochs < 0 or self.plateau_patience < 0 or self.patience < 0:
+            problems.append("warmup_epochs, plateau_patience and patience must be >= 0")
+        if not 0 < self.plateau_factor < 1:
+            problems.append(f"plateau_factor must lie in (0, 1), got {self.plateau_factor}")
+        if self.min_learning_rate < 0 or self.weight_decay < 0 or self.grad_clip_norm < 0:
+            problems.append("min_learning_rate, weight_decay and grad_clip_norm must be >= 0")
+        if not 0 < self.validation_fraction < 1:
+            problems.append(f"validation_fraction must lie in (0, 1), got {self.validation_fraction}")
+        if self.max_showers is not None and self.max_showers < 2:
+            problems.append(f"max_showers must be >= 2 (one training, one validation shower), got {self.max_showers}")
+        if self.num_threads is not None and self.num_threads < 1:
+            problems.append(f"num_threads must be >= 1, got {self.num_threads}")
+        if not (self.device in ("cpu", "auto") or self.device.startswith("cuda")):
+            problems.append(f"device must be 'cpu', 'cuda[:N]' or 'auto', got {self.device!r}")
+        if any(n < 1 for n in self.stage_epochs.values()):
+            problems.append(f"stage_epochs must all be >= 1, got {self.stage_epochs}")
+        if any(not lr > 0 for lr in self.stage_learning_rates.values()):
+            problems.append(f"stage_learning_rates must all be > 0, got {self.stage_learning_rates}")
+        if problems:
+            raise ConfigError("invalid training configuration: " + "; ".join(problems))
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> TrainingConfig:
+        """Minutes on a laptop CPU: a first look, a demo, a smoke test."""
+        base = dict(epochs=20, batch_size=256, learning_rate=1e-3, lr_schedule="cosine", warmup_epochs=1,
+                    patience=5, max_showers=20_000)
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def full(cls, **overrides: Any) -> TrainingConfig:
+        """The paper's budget (200 epochs), all showers, early stopping after 20 flat epochs."""
+        base = dict(epochs=200, batch_size=256, learning_rate=1e-3, lr_schedule="cosine", warmup_epochs=2,
+                    patience=20, max_showers=None)
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def profile(cls, name: str, **overrides: Any) -> TrainingConfig:
+        """``quick`` or ``full`` (the ``--profile`` option)."""
+        if name not in PROFILES:
+            raise ConfigError(f"unknown training profile {name!r}; use one of {', '.join(PROFILES)}")
+        return getattr(cls, name)(**overrides)
+
+    def epochs_for(self, stage: str) -> int:
+        return self.stage_epochs.get(stage, self.epochs)
+
+    def learning_rate_for(self, stage: str) -> float:
+        return self.stage_learning_rates.get(stage, self.learning_rate)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+PROFILES = ("quick", "full")
+
+
+def learning_rate_at(config: TrainingConfig, stage: str, epoch: int, val_losses: list[float]) -> float:
+    """Learning rate of 0-based ``epoch`` of ``stage``, given the validation
+    losses of its earlier epochs.
+
+    A pure function of the epoch and the loss history, so a resumed run needs no
+    scheduler object (hand-written because torch's LambdaLR and
+    ReduceLROnPlateau cannot be combined for warm-up followed by plateau decay).
+    """
+    base = config.learning_rate_for(stage)
+    warmup = config.warmup_epochs
+    if epoch < warmup:
+        return base * (epoch + 1) / (warmup + 1)
+    if config.lr_schedule == "constant":
+        return base
+    if config.lr_schedule == "cosine":
+        span = max(1, config.epochs_for(stage) - warmup)
+        t = min(1.0, (epoch - warmup) / span)
+        return config.min_learning_rate + (base - config.min_learning_rate) * 0.5 * (1.0 + math.cos(math.pi * t))
+    # plateau: like torch's ReduceLROnPlateau with threshold 0 and no cool-down
+    lr, best, bad = base, math.inf, 0
+    for loss in val_losses[warmup:epoch]:
+        if loss < best:
+            best, bad = loss, 0
+        else:
+            bad += 1
+            if bad > config.plateau_patience:
+                lr, bad = max(lr * config.plateau_factor, config.min_learning_rate), 0
+    return lr
+
+
+# ---------------------------------------------------------------------------
+# history
+# ---------------------------------------------------------------------------
+@dataclass
+class EpochRecord:
+    """One finished epoch. ``epoch`` counts from 1; losses are per-shower means."""
+
+    epoch: int
+    train_loss: float
+    val_loss: float
+    learning_rate: float
+    seconds: float
+
+
+@dataclass
+class StageHistory:
+    """Epochs of one stage, its best epoch, wall time and memory.
+
+    ``seconds`` is wall time including building the stage's tensors (summed over
+    resumed sessions); ``peak_rss_mib`` is the process's peak resident memory
+    (``resource.getrusage(...).ru_maxrss``) at the end of the stage, i.e. the peak
+    of the whole process so far, data included, not of this stage alone.
+    """
+
+    name: str
+    epochs: list[EpochRecord] = field(default_factory=list)
+    best_epoch: int | None = None
+    best_val_loss: float | None = None
+    stopped_early: bool = False
+    finished: bool = False
+    seconds: float = 0.0
+    peak_rss_mib: float | None = None
+
+    def summary(self) -> str:
+        """One line: epochs run, best validation loss, time, memory."""
+        if not self.epochs:
+            return f"{self.name}: not trained"
+        stop = f", early stop after {len(self.epochs)}" if self.stopped_early else ""
+        mem = f", peak RSS {self.peak_rss_mib:.0f} MiB" if self.peak_rss_mib is not None else ""
+        return (f"{self.name}: {len(self.epochs)} epochs{stop}, best val loss {self.best_val_loss:.5g} "
+                f"at epoch {self.best_epoch}, {self.seconds:.1f} s{mem}")
+
+
+@dataclass
+class TrainingHistory:
+    """Per-stage, per-epoch record of a training run (``history.json``)."""
+
+    stages: list[StageHistory] = field(default_factory=list)
+    n_train: int = 0
+    n_validation: int = 0
+    preprocessing_seconds: float = 0.0
+
+    def stage(self, name: str) -> StageHistory:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise KeyError(f"no stage {name!r} in history (stages: {', '.join(s.name for s in self.stages)})")
+
+    def summary_lines(self) -> list[str]:
+        return [s.summary() for s in self.stages]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainingHistory:
+        stages = [StageHistory(**{**s, "epochs": [EpochRecord(**e) for e in s["epochs"]]}) for s in d["stages"]]
+        return cls(stages=stages, n_train=d["n_train"], n_validation=d["n_validation"],
+                   preprocessing_seconds=d["preprocessing_seconds"])
+
+
+# ---------------------------------------------------------------------------
+# files: safetensors for tensors, JSON for the rest, every write atomic
+# ---------------------------------------------------------------------------
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_json(path: Path, data: Any, *, indent: int | None = 1) -> None:
+    """Write JSON atomically (Python's JSON: inf and nan are allowed).
+    ``indent=None`` is much faster for large records (json's C encoder)."""
+    with atomic_path(path, suffix=".json.tmp") as tmp:
+        tmp.write_text(json.dumps(data, indent=indent) + "\n")
+
+
+def save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> str:
+    """Write tensors to a safetensors file atomically; returns its SHA-256.
+
+    Tensors are copied to contiguous CPU memory, and tied tensors (one storage
+    under two names) are cloned, which safetensors requires.
+    """
+    seen: set[int] = set()
+    plain = {}
+    for key, t in tensors.items():
+        t = t.detach().to("cpu").contiguous()
+        if t.untyped_storage().data_ptr() in seen and t.numel() > 0:
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        plain[key] = t
+    with atomic_path(path, suffix=".safetensors.tmp") as tmp:
+        save_file(plain, str(tmp), metadata=metadata)
+        digest = sha256_file(tmp)
+    return digest
+
+
+def load_tensors(path: Path, *, sha256: str | None = None, what: str = "", remedy: str = "") -> dict[str, Tensor]:
+    """Read a safetensors file (no code runs), checking its SHA-256 when given.
+
+    Raises :class:`RunDirectoryError` naming the file and ``remedy`` when it is
+    missing, truncated or does not match the checksum.
+    """
+    label = f"{path}{f' ({what})' if what else ''}"
+    if not path.is_file():
+        raise RunDirectoryError(f"{label} is missing; {remedy}")
+    if sha256 is not None and sha256_file(path) != sha256:
+        raise RunDirectoryError(f"{label} does not match its recorded SHA-256: it is corrupt or was replaced; {remedy}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise RunDirectoryError(f"{label} is not a readable safetensors file ({exc}); {remedy}") from exc
+
+
+def model_state(model: torch.nn.Module) -> dict[str, Tensor]:
+    """A detached copy of the model's state (weights and buffers)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------
+# reproducibility
+# ---------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    """Seed torch, numpy's and Python's global generators (do this before
+    building a model so its initial weights are reproducible too)."""
+    torch.manual_seed(seed)
+    # the legacy global generator too: model code may still draw from it
+    np.random.seed(seed % 2**32)  # noqa: NPY002
+    random.seed(seed)
+
+
+def split_indices(n_showers: int, validation_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded train/validation split of ``n_showers`` rows.
+
+    Returns sorted (train, validation) index arrays; the validation set has
+    ``round(validation_fraction * n)`` rows, at least one, and so does training.
+    """
+    if n_showers < 2:
+        raise ConfigError(f"need at least 2 showers to split into training and validation, got {n_showers}")
+    n_val = min(n_showers - 1, max(1, round(validation_fraction * n_showers)))
+    perm = np.random.default_rng(seed).permutation(n_showers)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def data_fingerprint(incident_energies: np.ndarray, showers: np.ndarray) -> str:
+    """SHA-256 of the incident energies, the shower array's shape and up to
+    1024 evenly spaced showers: cheap, and enough to notice a different file
+    or a different ``max_showers`` on resume."""
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(incident_energies, dtype=np.float64).tobytes())
+    h.update(repr(tuple(showers.shape)).encode())
+    rows = np.unique(np.linspace(0, max(0, len(showers) - 1), min(1024, len(showers))).astype(np.int64))
+    h.update(np.ascontiguousarray(showers[rows], dtype=np.float32).tobytes())
+    return h.hexdigest()
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    np_state = np.random.get_state()  # noqa: NPY002 (see seed_everything)
+    py_state = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state().tolist(),
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device).tolist()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))  # noqa: NPY002
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8), device)
+
+
+def _peak_rss_mib() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but no CUDA device is available; use device = \"cpu\"")
+    return torch.device(name)
+
+
+@contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    old = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+# ---------------------------------------------------------------------------
+# optimizer state <-> (tensors, JSON)
+# ---------------------------------------------------------------------------
+def _split_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    tensors: dict[str, Tensor] = {}
+    plain: dict[str, dict[str, Any]] = {}
+    for index, entries in state["state"].items():
+        for key, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer/{index}/{key}"] = value
+            else:
+                plain.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "state": plain}
+
+
+def _join_optimizer_state(tensors: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer/"):
+            _, index, name = key.split("/", 2)
+            state.setdefault(int(index), {})[name] = value
+    for index, entries in meta["state"].items():
+        state.setdefault(int(index), {}).update(entries)
+    # JSON turned tuples (Adam's betas) into lists
+    groups = [{k: (tuple(v) if isinstance(v, list) and k != "params" else v) for k, v in g.items()}
+              for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+# ---------------------------------------------------------------------------
+# checkpoints
+# ---------------------------------------------------------------------------
+@dataclass
+class _Progress:
+    """Where training stands; with the tensors, exactly what a checkpoint holds."""
+
+    stage_index: int = 0
+    next_epoch: int = 0
+    best_val_loss: float | None = None
+    best_epoch: int | None = None
+    epochs_since_best: int = 0
+    sequence: int = 0
+
+
+class _Checkpointer:
+    """Writes and reads ``run_dir/checkpoints`` (latest plus the current stage's best)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.dir = Path(run_dir) / CHECKPOINT_DIR
+        self.record = self.dir / CHECKPOINT_FILE
+        self.best_file: str | None = None
+        self.best_sha: str | None = None
+
+    def exists(self) -> bool:
+        return self.record.exists()
+
+    def write(self, progress: _Progress, model: ShowerModel, optimizer: torch.optim.Optimizer | None,
+              best: dict[str, Tensor] | None, best_is_new: bool, info: dict[str, Any]) -> None:
+        progress.sequence += 1
+        tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
+        optimizer_meta = None
+        if optimizer is not None:
+            opt_tensors, optimizer_meta = _split_optimizer_state(optimizer.state_dict())
+            tensors.update(opt_tensors)
+        name = f"state-{progress.sequence:06d}.safetensors"
+        sha = save_tensors(self.dir / name, tensors)
+        if best is None:
+            self.best_file = self.best_sha = None
+        elif best_is_new or self.best_file is None:
+            self.best_file = f"best-{progress.sequence:06d}.safetensors"
+            self.best_sha = save_tensors(self.dir / self.best_file, {f"model/{k}": v for k, v in best.items()})
+        stages = info["stages"]
+        record = {"format": CHECKPOINT_FORMAT, **dataclasses.asdict(progress),
+                  "stage": stages[progress.stage_index] if progress.stage_index < len(stages) else None, **info,
+                  "optimizer": optimizer_meta,
+                  "files": {"state": name, "state_sha256": sha, "best": self.best_file, "best_sha256": self.best_sha}}
+        # the commit point: until this rename the previous checkpoint stays valid
+        write_json(self.record, record, indent=None)
+        keep = {CHECKPOINT_FILE, name, self.best_file}
+        for path in self.dir.iterdir():
+            if path.name not in keep and path.is_file():
+                path.unlink(missing_ok=True)
+
+    def read(self) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, Tensor] | None]:
+        remedy = "the checkpoint cannot be used: train again without --resume (into a new or emptied directory)"
+        try:
+            record = json.loads(self.record.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise RunDirectoryError(f"{self.record} is unreadable or corrupt ({exc}); {remedy}") from exc
+        if not isinstance(record, dict) or record.get("format") != CHECKPOINT_FORMAT:
+            raise RunDirectoryError(f"{self.record} is not a {CHECKPOINT_FORMAT} record; {remedy}")
+        files = record["files"]
+        tensors = load_tensors(self.dir / files["state"], sha256=files["state_sha256"], what="checkpoint",
+                               remedy=remedy)
+        best = None
+        if files["best"] is not None:
+            best = load_tensors(self.dir / files["best"], sha256=files["best_sha256"], what="best epoch",
+                                remedy=remedy)
+            self.best_file, self.best_sha = files["best"], files["best_sha256"]
+        return record, tensors, best
+
+
+# ---------------------------------------------------------------------------
+# the loop
+# ---------------------------------------------------------------------------
+EpochCallback = Callable[[str, EpochRecord], None]
+
+
+def train_model(model: ShowerModel, incident_energies: np.ndarray, showers: np.ndarray, config: TrainingConfig,
+                run_dir: str | Path, *, resume: bool = False, on_epoch_end: EpochCallback | None = None
+                ) -> TrainingHistory:
+    """Train every stage of ``model`` in place; checkpoints go to ``run_dir/checkpoints``.
+
+    ``incident_energies`` (N,) and ``showers`` (N, n_voxels) are in MeV; only
+    the first ``config.max_showers`` are used. The split into training and
+    validation showers is seeded by ``config.seed``; ``model.fit_preprocessing``
+    sees only the training showers. Global RNGs are seeded from ``config.seed``
+    at the start (the model's initial weights are the caller's: call
+    :func:`seed_everything` before building it).
+
+    ``resume=True`` continues from ``run_dir/checkpoints``: finished stages are
+    not retrained and the stage in progress restarts at the epoch after the last
+    checkpoint, with the weights, optimizer state, best-so-far and RNG states of
+    that moment, so with the same data, config, thread count and device the
+    result equals an uninterrupted run's. ``make_data`` must depend only on
+    earlier stages (it is called again when resuming mid-stage);
+    ``fit_preprocessing`` runs again too before the checkpoint's weights are
+    loaded over it.
+
+    ``on_epoch_end(stage_name, record)`` is called after each epoch's checkpoint
+    is written. Raises :class:`TrainingDivergedError` on a NaN or infinite loss
+    (the last good checkpoint is kept), :class:`RunDirectoryError` when
+    ``resume`` finds no usable checkpoint or a fresh run would overwrite one.
+    """
+    run_dir = Path(run_dir)
+    checkpointer = _Checkpointer(run_dir)
+    if resume and not checkpointer.exists():
+        raise RunDirectoryError(f"{run_dir}: no checkpoint ({CHECKPOINT_DIR}/{CHECKPOINT_FILE}) to resume from; "
+                                "train without --resume")
+    if not resume and checkpointer.exists():
+        raise RunDirectoryError(f"{run_dir} already holds a training checkpoint; pass --resume (resume=True) to "
+                                "continue it, or choose a new run directory")
+    incident_energies = np.asarray(incident_energies, dtype=np.float64).reshape(-1)
+    if config.max_showers is not None:
+        incident_energies, showers = incident_energies[:config.max_showers], showers[:config.max_showers]
+    if len(incident_energies) != len(showers):
+        raise ConfigError(f"{len(incident_energies)} incident energies for {len(showers)} showers")
+    device = resolve_device(config.device)
+    fingerprint = data_fingerprint(incident_energies, showers)
+    train_idx, val_idx = split_indices(len(showers), config.validation_fraction, config.seed)
+
+    with _torch_threads(config.num_threads):
+        model.to(device)
+        if not resume:
+            # a stream of its own: the caller seeded the initial weights with config.seed itself
+            seed_everything(int(np.random.SeedSequence([config.seed, 1]).generate_state(1)[0]))
+        t0 = time.perf_counter()
+        # also when resuming (the checkpoint's weights then overwrite the fitted buffers), in case a
+        # model keeps anything outside its state_dict
+        model.fit_preprocessing(incident_energies[train_idx], showers[train_idx])
+        stages = model.stages()
+        names = [s.name for s in stages]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"stage names must be unique, got {names}")
+        history = TrainingHistory(stages=[StageHistory(name=n) for n in names], n_train=len(train_idx),
+                                  n_validation=len(val_idx), preprocessing_seconds=time.perf_counter() - t0)
+        progress = _Progress()
+        info = {"training": config.to_dict(), "stages": names, "data_fingerprint": fingerprint,
+                "split": {"seed": config.seed, "validation_fraction": config.validation_fraction,
+                          "n_showers": len(showers), "n_validation": len(val_idx)}}
+        stage_start_rng = _rng_state(device)
+        checkpoint = None
+        if resume:
+            checkpoint = _restore(checkpointer, model, config, info, device)
+            progress = _Progress(**{k: checkpoint["record"][k] for k in dataclasses.asdict(progress)})
+            history = TrainingHistory.from_dict(checkpoint["record"]["history"])
+            stage_start_rng = checkpoint["record"]["stage_start_rng"]
+            logger.info("resuming %s at stage '%s', epoch %d", run_dir,
+                        names[progress.stage_index] if progress.stage_index < len(names) else "(done)",
+                        progress.next_epoch + 1)
+
+        inputs = (incident_energies, showers, train_idx, val_idx)
+        while progress.stage_index < len(stages):
+            stage = stages[progress.stage_index]
+            _train_stage(model, stage, inputs, config, device, progress, history.stage(stage.name), history,
+                         checkpointer, checkpoint, stage_start_rng, info, on_epoch_end, run_dir)
+            checkpoint = None
+            stage_start_rng = _rng_state(device)
+    model.eval()
+    return history
+
+
+def _restore(checkpointer: _Checkpointer, model: ShowerModel, config: TrainingConfig, info: dict[str, Any],
+             device: torch.device) -> dict[str, Any]:
+    record, tensors, best = checkpointer.read()
+    stored = record.get("training", {})
+    changed = sorted(k for k in set(stored) | set(info["training"])
+                     if stored.get(k) != info["training"].get(k) and k not in RESUMABLE_CHANGES)
+    if changed:
+        diffs = ", ".join(f"{k} {stored.get(k)!r} -> {info['training'].get(k)!r}" for k in changed)
+        raise ConfigError(f"{checkpointer.record}: cannot resume with different training settings ({diffs}); "
+                          "resume with the run's own settings or start a new run")
+    if record.get("stages") != info["stages"]:
+        raise RunDirectoryError(f"{checkpointer.record}: checkpoint has stages {record.get('stages')}, the model has "
+                                f"{info['stages']}; resume with the model the run was started with")
+    if record.get("data_fingerprint") != info["data_fingerprint"]:
+        raise RunDirectoryError(f"{checkpointer.record}: the showers differ from those the checkpoint was trained on "
+                                f"(now {info['split']['n_showers']}, then {record['split']['n_showers']}); resume "
+                                "with the same file and --max-showers, or start a new run")
+    weights = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+    _load_weights(model, weights, checkpointer.dir / record["files"]["state"])
+    return {"record": record, "tensors": tensors, "best": best}
+
+
+def _load_weights(model: torch.nn.Module, weights: dict[str, Tensor], source: Path) -> None:
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        raise RunDirectoryError(f"{source}: weights do not fit the model ({exc}); resume with the model "
+                                "configuration the run was started with") from exc
+
+
+def _batches(tensors: tuple[Tensor, ...], order: Tensor, batch_size: int) -> Iterator[tuple[Tensor, ...]]:
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        yield tuple(t[idx] for t in tensors)
+
+
+def _check_stage_data(stage: Stage, data: tuple[Tensor, ...], n: int) -> None:
+    if not isinstance(data, tuple) or not data or any(len(t) != n for t in data):
+        shapes = [tuple(t.shape) for t in data] if isinstance(data, tuple) else type(data).__name__
+        raise ConfigError(f"stage '{stage.name}': make_data must return a non-empty tuple of tensors whose first "
+                          f"dimension is the number of showers ({n}); got {shapes}")
+
+
+def _train_stage(model: ShowerModel, stage: Stage, inputs: tuple[np.ndarray, ...], config: TrainingConfig,
+                 device: torch.device, progress: _Progress, stage_history: StageHistory,
+                 history: TrainingHistory, checkpointer: _Checkpointer, checkpoint: dict[str, Any] | None,
+                 stage_start_rng: dict[str, Any], info: dict[str, Any], on_epoch_end: EpochCallback | None,
+                 run_dir: Path) -> None:
+    incident_energies, showers, train_idx, val_idx = inputs
+    t_stage = time.perf_counter()
+    # make_data may draw random numbers: give it the stage's starting RNG state, also when resuming
+    _set_rng_state(stage_start_rng, device)
+    model.eval()
+    with torch.no_grad():
+        data = {}
+        for split, idx in (("train", train_idx), ("val", val_idx)):
+            e = torch.as_tensor(incident_energies[idx], dtype=torch.float32, device=device)
+            x = torch.as_tensor(np.asarray(showers[idx]), dtype=torch.float32, device=device)
+            data[split] = stage.make_data(e, x)
+            _check_stage_data(stage, data[split], len(idx))
+    params = [p for p in stage.module.parameters()]
+    own = {id(p) for p in params}
+    frozen = [p for p in model.parameters() if id(p) not in own and p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate_for(stage.name),
+                                  weight_decay=config.weight_decay)
+    best: dict[str, Tensor] | None = None
+    if checkpoint is not None:
+        record = checkpoint["record"]
+        if record["optimizer"] is not None:
+            optimizer.load_state_dict(_join_optimizer_state(checkpoint["tensors"], record["optimizer"]))
+        if checkpoint["best"] is not None:
+            best = {k[len("model/"):]: v.to(device) for k, v in checkpoint["best"].items()}
+        if progress.next_epoch > 0:  # mid-stage: continue the random stream where the last epoch left it
+            _set_rng_state(record["rng"], device)
+
+    n_epochs = config.epochs_for(stage.name)
+    n_train = len(train_idx)
+    n_batches = math.ceil(n_train / config.batch_size)
+    for p in frozen:  # only this stage's module learns; earlier stages stay as trained
+        p.requires_grad_(False)
+    try:
+        while progress.next_epoch < n_epochs and not (
+                config.patience and progress.epochs_since_best >= config.patience):
+            epoch = progress.next_epoch
+            t_epoch = time.perf_counter()
+            lr = learning_rate_at(config, stage.name, epoch, [r.val_loss for r in stage_history.epochs])
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            order = torch.as_tensor(np.random.default_rng([config.seed, progress.stage_index, epoch])
+                                    .permutation(n_train), device=data["train"][0].device)
+            stage.module.train()
+            total, seen = 0.0, 0
+            label = f"{stage.name} {epoch + 1}/{n_epochs}"
+            with ProgressBar(n_batches, desc=label, unit="batch") as bar:
+                for b, batch in enumerate(_batches(data["train"], order, config.batch_size)):
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = stage.loss(batch)
+                    if not torch.isfinite(loss):
+                        _diverged(stage.name, epoch, n_epochs, f"loss is {loss.item()} at batch {b + 1}/{n_batches}",
+                                  lr, progress, run_dir)
+                    loss.backward()
+                    if config.grad_clip_norm:
+                        norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip_norm)
+                        if not torch.isfinite(norm):
+                            _diverged(stage.name, epoch, n_epochs,
+                                      f"gradient norm is {norm.item()} at batch {b + 1}/{n_batches}", lr, progress,
+                                      run_dir)
+                    optimizer.step()
+                    n = len(batch[0])
+                    total += loss.item() * n
+                    seen += n
+                    bar.update()
+                    bar.set_postfix(loss=f"{total / seen:.4g}")
+            train_loss = total / seen
+            val_loss = _evaluate(stage, data["val"], config.batch_size)
+            if not math.isfinite(val_loss):
+                _diverged(stage.name, epoch, n_epochs, f"validation loss is {val_loss}", lr, progress, run_dir)
+            record_ = EpochRecord(epoch=epoch + 1, train_loss=train_loss, val_loss=val_loss, learning_rate=lr,
+                                  seconds=time.perf_counter() - t_epoch)
+            stage_history.epochs.append(record_)
+            improved = progress.best_val_loss is None or val_loss < progress.best_val_loss
+            if improved:
+                progress.best_val_loss, progress.best_epoch, progress.epochs_since_best = val_loss, epoch + 1, 0
+                best = model_state(model)
+            else:
+                progress.epochs_since_best += 1
+            progress.next_epoch += 1
+            stage_history.best_epoch, stage_history.best_val_loss = progress.best_epoch, progress.best_val_loss
+            now = time.perf_counter()
+            stage_history.seconds += now - t_stage
+            t_stage = now
+            logger.info("%s epoch %d/%d: train loss %.5g, val loss %.5g, lr %.3g, %.1f s", stage.name, epoch + 1,
+                        n_epochs, train_loss, val_loss, lr, record_.seconds)
+            checkpointer.write(progress, model, optimizer, best, improved,
+                               {**info, "rng": _rng_state(device), "stage_start_rng": stage_start_rng,
+                                "history": history.to_dict()})
+            if on_epoch_end is not None:
+                on_epoch_end(stage.name, record_)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+    # end of stage: keep the best epoch's weights, mark the stage done, checkpoint
+    stage_history.stopped_early = progress.next_epoch < n_epochs
+    if best is not None:
+        model.load_state_dict(best)
+    stage_history.finished = True
+    stage_history.seconds += time.perf_counter() - t_stage
+    stage_history.peak_rss_mib = _peak_rss_mib()
+    logger.info("%s", stage_history.summary())
+    progress.stage_index += 1
+    progress.next_epoch, progress.best_val_loss, progress.best_epoch, progress.epochs_since_best = 0, None, None, 0
+    rng = _rng_state(device)
+    checkpointer.write(progress, model, None, None, False,
+                       {**info, "rng": rng, "stage_start_rng": rng, "history": history.to_dict()})
+
+
+def _evaluate(stage: Stage, tensors: tuple[Tensor, ...], batch_size: int) -> float:
+    """Mean validation loss with the stage's module in eval mode."""
+    stage.module.eval()
+    total, seen = 0.0, 0
+    order = torch.arange(len(tensors[0]), device=tensors[0].device)
+    with torch.no_grad():
+        for batch in _batches(tensors, order, batch_size):
+            n = len(batch[0])
+            total += stage.loss(batch).item() * n
+            seen += n
+    return total / seen
+
+
+def _diverged(stage: str, epoch: int, n_epochs: int, what: str, lr: float, progress: _Progress,
+              run_dir: Path) -> None:
+    if progress.next_epoch:
+        kept = f"the checkpoint after epoch {progress.next_epoch} is kept in {run_dir / CHECKPOINT_DIR}"
+    elif progress.stage_index:
+        kept = f"the checkpoint of the earlier stages is kept in {run_dir / CHECKPOINT_DIR}"
+    else:
+        kept = "no checkpoint was written"
+    raise TrainingDivergedError(
+        f"training diverged in stage '{stage}' at epoch {epoch + 1}/{n_epochs}: {what}. Lower the learning rate "
+        f"(it was {lr:.3g}; set learning_rate or stage_learning_rates under [training] in a --config file) or "
+        f"the gradient clipping norm (grad_clip_norm), and train again in a new run directory; {kept}")

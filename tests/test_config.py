@@ -1,0 +1,97 @@
+"""TOML configuration files: tables, names, types, precedence."""
+
+from __future__ import annotations
+
+import pytest
+
+from caloman.config import ConfigFile, DataConfig, load_config, parse_config, training_config_from_dict
+from caloman.errors import ConfigError
+from caloman.training import TrainingConfig
+
+FULL = """
+[model]
+latent_dim = 16
+hidden = [512, 512]
+
+[training]
+epochs = 7
+learning_rate = 1      # an integer is a fine number
+lr_schedule = "plateau"
+num_threads = 2
+stage_epochs = { latent_flow = 80, autoencoder = 3 }
+
+[data]
+max_showers = 5000
+"""
+
+
+def write(tmp_path, text):
+    path = tmp_path / "cfg.toml"
+    path.write_text(text)
+    return path
+
+
+def test_full_file_into_typed_objects(tmp_path):
+    cfg = load_config(write(tmp_path, FULL))
+    assert cfg.model == {"latent_dim": 16, "hidden": [512, 512]}
+    assert cfg.data == DataConfig(max_showers=5000)
+    training = cfg.training_config("quick")
+    assert isinstance(training, TrainingConfig)
+    assert training.epochs == 7 and training.learning_rate == 1.0 and isinstance(training.learning_rate, float)
+    assert training.lr_schedule == "plateau" and training.num_threads == 2 and training.max_showers == 5000
+    assert training.epochs_for("latent_flow") == 80 and training.epochs_for("other") == 7
+    # untouched fields come from the profile; options override the file
+    assert training.patience == TrainingConfig.quick().patience
+    assert cfg.training_config("full").patience == TrainingConfig.full().patience
+    assert cfg.training_config("quick", epochs=2, seed=9).epochs == 2
+
+
+def test_empty_file_is_the_profile(tmp_path):
+    cfg = load_config(write(tmp_path, ""))
+    assert cfg.training_config("full") == TrainingConfig.full()
+    assert ConfigFile(source="defaults").training_config() == TrainingConfig.quick()
+
+
+def test_unknown_table_lists_valid_ones(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown .*optimiser.*\[model\], \[training\], \[data\]"):
+        load_config(write(tmp_path, "[optimiser]\nlr = 1\n"))
+
+
+def test_unknown_training_key_lists_valid_ones(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) epoch in \[training\]; valid keys are epochs, "
+                                          r"batch_size, learning_rate"):
+        load_config(write(tmp_path, "[training]\nepoch = 3\n"))
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) showers in \[data\]; valid keys are max_showers"):
+        load_config(write(tmp_path, "[data]\nshowers = 3\n"))
+
+
+@pytest.mark.parametrize("line, message", [
+    ("epochs = 2.5", "epochs must be an integer, got 2.5"),
+    ("epochs = true", "epochs must be an integer"),
+    ("learning_rate = '1e-3'", "learning_rate must be a number"),
+    ("max_showers = 'all'", "max_showers must be an integer or absent"),
+    ("stage_epochs = { flow = 'x' }", "stage_epochs must be a table with an integer per entry"),
+    ("lr_schedule = 'step'", "lr_schedule must be one of cosine, plateau, constant"),
+    ("validation_fraction = 0", "validation_fraction must lie in"),
+])
+def test_bad_values(tmp_path, line, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, f"[training]\n{line}\n"))
+
+
+def test_table_shapes_and_syntax(tmp_path):
+    with pytest.raises(ConfigError, match="'training' must be a table"):
+        load_config(write(tmp_path, "training = 3\n"))
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(write(tmp_path, "[training\nepochs = 3\n"))
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match="both"):
+        parse_config({"training": {"max_showers": 10}, "data": {"max_showers": 20}})
+
+
+def test_training_config_from_dict_round_trip():
+    cfg = TrainingConfig.full(stage_epochs={"a": 3})
+    assert training_config_from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="unknown key"):
+        training_config_from_dict({**cfg.to_dict(), "momentum": 0.9})
