@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from functools import cache, cached_property
 from importlib import resources
 from pathlib import Path
 
@@ -157,7 +157,7 @@ def load_binning(name_or_path: str | Path | Binning) -> Binning:
     return _parse(path.read_bytes(), name=path.stem, source=str(path))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _load_builtin(name: str) -> Binning:
     data = resources.files("caloman.binnings").joinpath(f"{name}.xml").read_bytes()
     return _parse(data, name=name, source=f"caloman.binnings/{name}.xml")
@@ -181,7 +181,8 @@ def _parse(data: bytes, *, name: str, source: str) -> Binning:
         except (KeyError, ValueError) as exc:
             raise BinningError(f"{source}: layer #{position} has a missing or malformed attribute ({exc})") from exc
         if layer_id != position:
-            raise BinningError(f"{source}: layer ids must run 0, 1, 2, ... in order; found id {layer_id} at position {position}")
+            raise BinningError(
+                f"{source}: layer ids must run 0, 1, 2, ... in order; found id {layer_id} at position {position}")
         if n_alpha < 1 or any(b <= a for a, b in zip(r_edges, r_edges[1:])):
             raise BinningError(f"{source}: layer {layer_id} needs n_bin_alpha >= 1 and increasing r_edges")
         layers.append(Layer(id=layer_id, r_edges=r_edges, n_alpha=n_alpha))

@@ -81,7 +81,8 @@ class ShowerFile:
         if not isinstance(inc, h5py.Dataset) or not isinstance(sh, h5py.Dataset):
             raise ShowerFileError(f"{self.path}: '{INCIDENT_KEY}' and '{SHOWERS_KEY}' must be datasets, not groups")
         if sh.ndim != 2:
-            raise ShowerFileError(f"{self.path}: '{SHOWERS_KEY}' must be 2-dimensional (N, n_voxels), has shape {sh.shape}")
+            raise ShowerFileError(
+                f"{self.path}: '{SHOWERS_KEY}' must be 2-dimensional (N, n_voxels), has shape {sh.shape}")
         if inc.ndim not in (1, 2) or (inc.ndim == 2 and inc.shape[1] != 1):
             raise ShowerFileError(f"{self.path}: '{INCIDENT_KEY}' must have shape (N, 1), has {inc.shape}")
         if inc.shape[0] != sh.shape[0]:
@@ -102,7 +103,8 @@ class ShowerFile:
         if bad.any():
             i = int(np.argmax(bad))
             raise InvalidEnergyError(
-                f"{self.path}: incident energy of shower {i} is {e[i]!r}; incident energies must be positive and finite (MeV)")
+                f"{self.path}: incident energy of shower {i} is {e[i]!r}; "
+                "incident energies must be positive and finite (MeV)")
         return e
 
     # -- access ------------------------------------------------------------
@@ -211,7 +213,8 @@ class ShowerWriter:
         self.binning = load_binning(binning) if binning is not None else None
         if self.binning is not None and self.binning.n_voxels != n_voxels:
             raise VoxelCountError(
-                f"{self.path}: binning {self.binning.name} has {self.binning.n_voxels} voxels, writer asked for {n_voxels}")
+                f"{self.path}: binning {self.binning.name} has {self.binning.n_voxels} voxels, "
+                f"writer asked for {n_voxels}")
         self.n_voxels = n_voxels
         self.dtype = np.dtype(dtype)
         self.compression_level = compression_level

@@ -289,3 +289,35 @@ def _check_weights_fit(model: ShowerModel, weights: dict[str, torch.Tensor], sou
         raise RunDirectoryError(
             f"{source} does not fit the model described in {CONFIG_FILE} ({'; '.join(problems[:5])}{more}): the "
             f"weights belong to another model configuration; restore the matching {CONFIG_FILE} or re-train")
+
+
+def train_run(data_file: str | Path, binning: Binning | str | Path, run_dir: str | Path, *,
+              model_kind: str = "caloman", profile: str = "quick", training: TrainingConfig | None = None,
+              model_overrides: dict[str, Any] | None = None, command_line: list[str] | None = None,
+              builder: Callable[..., ShowerModel] | None = None) -> LoadedRun:
+    """Train a new model on a CaloChallenge file into ``run_dir`` and return it loaded.
+
+    The one place a fresh run is built, trained and saved (used by ``caloman
+    train``, ``caloman demo`` and ``caloman benchmark``). ``training`` defaults
+    to the profile's :class:`TrainingConfig`; the initial weights follow its seed.
+    ``builder`` replaces :func:`caloman.models.build_model` (same signature).
+    """
+    from caloman.io import load_showers
+    from caloman.models import build_model
+    from caloman.training import seed_everything, train_model
+
+    run_dir = Path(run_dir)
+    if (run_dir / CONFIG_FILE).exists() or (run_dir / CHECKPOINT_DIR).exists():
+        raise RunDirectoryError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another "
+                                "output directory")
+    binning = load_binning(binning)
+    training = training if training is not None else TrainingConfig.profile(profile)
+    seed_everything(training.seed)  # initial weights follow the seed too
+    model = (builder or build_model)(model_kind, binning, profile=profile, overrides=model_overrides or None)
+    incident_energies, showers = load_showers(data_file, binning, max_showers=training.max_showers)
+    run_config = make_run_config(model, binning, training, data_path=data_file, n_showers=len(incident_energies),
+                                 command_line=command_line)
+    write_run_config(run_dir, run_config)
+    history = train_model(model, incident_energies, showers, training, run_dir)
+    save_run(run_dir, model, binning, training, history, run_config=run_config)
+    return LoadedRun(model=model, binning=binning, config=read_run_config(run_dir), history=history, run_dir=run_dir)

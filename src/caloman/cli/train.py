@@ -8,19 +8,18 @@ from pathlib import Path
 from typing import Any
 
 from caloman.config import ConfigFile, load_config
-from caloman.errors import ConfigError, RunDirectoryError
+from caloman.errors import ConfigError
 from caloman.geometry import Binning, load_binning
 from caloman.io import load_showers
 from caloman.models.base import ShowerModel
 from caloman.runs import (
     CONFIG_FILE,
     default_model_factory,
-    make_run_config,
     read_run_config,
     save_run,
-    write_run_config,
+    train_run,
 )
-from caloman.training import CHECKPOINT_DIR, PROFILES, seed_everything, train_model
+from caloman.training import PROFILES, train_model
 
 logger = logging.getLogger("caloman.cli.train")
 
@@ -80,27 +79,23 @@ def run(args: argparse.Namespace) -> int:
                            "its showers are the same", args.file)
         model = default_model_factory(run_config.model_kind, run_config.model_config, binning)
     else:
-        if (out / CONFIG_FILE).exists() or (out / CHECKPOINT_DIR).exists():
-            raise RunDirectoryError(f"{out} already holds a run; pass --resume to continue it, or choose another "
-                                    "--out")
-        binning = load_binning(args.binning)
         file_config = load_config(args.config) if args.config is not None else ConfigFile(source="defaults")
         cli = {k: v for k, v in (("seed", args.seed), ("max_showers", args.max_showers)) if v is not None}
         profile = args.profile or "quick"
-        training = file_config.training_config(profile, **cli)
         model_overrides = dict(file_config.model)
         if args.latent_dim is not None:
             model_overrides["latent_dim"] = args.latent_dim
-        seed_everything(training.seed)  # initial weights follow the seed too
-        model = build_model(args.model or DEFAULT_MODEL, binning, profile=profile,
-                            overrides=model_overrides or None)
-        run_config = None
+        kind = args.model or DEFAULT_MODEL
+        logger.info("training %s on %s (%s) into %s", kind, args.file, args.binning, out)
+        loaded = train_run(args.file, args.binning, out, model_kind=kind, profile=profile,
+                           training=file_config.training_config(profile, **cli), model_overrides=model_overrides,
+                           builder=build_model)
+        for line in loaded.history.summary_lines():
+            logger.info("%s", line)
+        logger.info("run saved in %s", out)
+        return 0
 
     incident_energies, showers = load_showers(args.file, binning, max_showers=training.max_showers)
-    if run_config is None:
-        run_config = make_run_config(model, binning, training, data_path=args.file,
-                                     n_showers=len(incident_energies))
-        write_run_config(out, run_config)
     logger.info("training %s on %d showers of %s (%s, %d voxels) into %s", model.kind, len(incident_energies),
                 args.file, binning.name, binning.n_voxels, out)
     history = train_model(model, incident_energies, showers, training, out, resume=args.resume)
