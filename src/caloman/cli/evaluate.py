@@ -1,0 +1,66 @@
+"""``caloman evaluate``: compare generated showers with reference showers using
+the CaloChallenge metrics; writes metrics.json, summary.md and plots."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from caloman.errors import ConfigError
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {value}")
+    return value
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "evaluate", help="compare generated showers with reference showers (CaloChallenge metrics)",
+        description=__doc__.replace("``", ""),
+        epilog="example: caloman evaluate --generated gen.h5 --reference ref.h5 --binning ds1-photons "
+               "--out results/eval --classifier quick")
+    parser.add_argument("--generated", required=True, type=Path, help="HDF5 file of generated showers")
+    parser.add_argument("--reference", required=True, type=Path, help="HDF5 file of reference (Geant4) showers")
+    parser.add_argument("--binning", required=True,
+                        help="ds1-photons, ds1-pions, ds2, ds3, or the path of a CaloChallenge binning XML")
+    parser.add_argument("--out", required=True, type=Path, help="output folder (created if missing)")
+    parser.add_argument("--classifier", choices=("full", "quick", "none"), default="full",
+                        help="classifier tests: the challenge's full protocol (default, slow on CPU), "
+                             "a quick reduced setting (not comparable with published numbers), or none")
+    parser.add_argument("--seed", type=int, default=42, help="seed of every random choice (default 42, jetnet's)")
+    parser.add_argument("--max-showers", type=_positive_int, default=None,
+                        help="use at most N showers of each file, a seeded random subset")
+    parser.add_argument("--no-plots", action="store_true", help="skip the pictures")
+    parser.add_argument("--no-distances", action="store_true", help="skip FPD/KPD and PRDC")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from caloman.evaluation import EvaluationConfig, evaluate_files  # noqa: PLC0415 (keep `caloman --help` fast)
+
+    if args.out.exists() and not args.out.is_dir():
+        raise ConfigError(f"--out {args.out} is an existing file; give a folder name")
+    config = EvaluationConfig(classifier=args.classifier, seed=args.seed, max_showers=args.max_showers,
+                              fpd_kpd=not args.no_distances, prdc=not args.no_distances, plots=not args.no_plots)
+    metrics = evaluate_files(args.generated, args.reference, args.binning, args.out, config)
+    separation = metrics["separation_power"]
+    worst = max(separation, key=separation.get) if separation else None
+    print(f"evaluated {metrics['n_showers']['generated']} generated against "
+          f"{metrics['n_showers']['reference']} reference showers ({metrics['binning']})")
+    if worst is not None:
+        print(f"separation power: E_tot/E_inc {separation.get('E_tot/E_inc', float('nan')):.4f}, "
+              f"largest {separation[worst]:.4f} ({worst})")
+    for kind, result in metrics["classifier"].items():
+        print(f"classifier {kind} ({result['setting']}): AUC {result['auc']:.4f}, JSD {result['jsd']:.4f}")
+    for key in ("fpd", "kpd"):
+        if metrics.get(key):
+            print(f"{key.upper()} x 1e3: {metrics[key]['value']:.4f} +- {metrics[key]['error']:.4f}")
+    print(f"wrote {args.out / 'metrics.json'} and {args.out / 'summary.md'}")
+    return 0

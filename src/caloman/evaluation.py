@@ -1,0 +1,553 @@
+"""The one evaluation of caloman: generated showers against reference showers,
+with the CaloChallenge's metrics computed the challenge's way.
+
+:func:`evaluate_files` (CaloChallenge HDF5 files, streamed) and
+:func:`evaluate_arrays` (arrays in memory) run the same steps:
+
+1. threshold every voxel at the binning's readout threshold (1 MeV for dataset
+   1, 0.5 keV / 0.033 for datasets 2 and 3), as the challenge does;
+2. high-level features (:mod:`caloman.features`) and the chi-squared separation
+   power of every feature histogram (:mod:`caloman.metrics.separation`);
+3. classifier tests on low-level, normalised low-level and high-level inputs
+   (``config.classifier``: "full" protocol, "quick" setting, or "none");
+4. FPD and KPD on the high-level feature vector, precision / recall / density /
+   coverage on log10 voxel energies;
+5. plots (average showers, per-energy averages, feature histograms, ROC);
+
+and write ``metrics.json`` and ``summary.md`` into the output folder.
+
+Files are read in chunks: the reference twice (the voxel-energy histogram's
+edges need the reference's largest voxel, found in the first pass), the
+generated file once. Only the classifier tests need whole samples in memory.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import math
+import platform
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from caloman import __version__
+from caloman.errors import ConfigError, InvalidEnergyError, ShowerFileError, VoxelCountError
+from caloman.features import (
+    ShowerFeatures,
+    apply_threshold,
+    compute_features,
+    high_level_vector,
+    incident_energy_dtype,
+)
+from caloman.geometry import Binning, load_binning
+from caloman.io import ShowerFile, atomic_path, check_voxel_energies, default_chunk_size
+from caloman.metrics import ClassifierResult, FeatureHistogram
+from caloman.metrics.separation import VoxelEnergyHistogram, feature_histograms
+from caloman.progress import ProgressBar
+
+__all__ = ["CLASSIFIER_KINDS", "EvaluationConfig", "evaluate_arrays", "evaluate_files", "render_summary"]
+
+logger = logging.getLogger("caloman")
+
+#: Classifier tests run, in order: voxels / E_inc, voxels / E_layer, high-level features.
+CLASSIFIER_KINDS = ("low", "low_normed", "high")
+CLASSIFIER_SETTINGS = ("full", "quick", "none")
+
+#: FPD and KPD are quoted x 1e3, as in the challenge's tables.
+DISTANCE_SCALE = 1e3
+#: PRDC replaces empty voxels by this energy (MeV) before log10, as the challenge.
+PRDC_EMPTY_VOXEL_MEV = 0.1
+
+METRICS_FILE = "metrics.json"
+SUMMARY_FILE = "summary.md"
+PLOTS_DIR = "plots"
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """What to evaluate and how.
+
+    Attributes:
+        classifier: "full" (the challenge's protocol: 3 x 2048 network, 50 epochs,
+            challenge splits; the default for real evaluations), "quick" (a small,
+            documented setting of the classifier module for tests and demos; never
+            compare its numbers with the challenge's), or "none".
+        seed: seeds every random choice (sub-samples, classifier splits, FPD/KPD draws).
+            42 is jetnet's default, so FPD/KPD draws are the challenge's.
+        max_showers: use at most this many showers of each sample, chosen at random
+            (seeded) over the whole file, since files may be ordered by energy.
+        fpd_kpd: compute the Frechet and kernel physics distances.
+        prdc: compute precision, recall, density and coverage.
+        prdc_k: nearest neighbours of PRDC (challenge default 5).
+        prdc_max_showers: PRDC uses a seeded random sub-sample of at most this many
+            showers per sample (its cost grows as n_ref * n_gen).
+        plots: draw the pictures into ``out_dir/plots``.
+        plot_max_voxels: the per-energy average-shower pictures use a seeded random
+            sub-sample of at most this many voxel values (showers x voxels) per sample,
+            to bound memory on dataset 3; all other plots use every shower.
+    """
+
+    classifier: str = "full"
+    seed: int = 42
+    max_showers: int | None = None
+    fpd_kpd: bool = True
+    prdc: bool = True
+    prdc_k: int = 5
+    prdc_max_showers: int = 10_000
+    plots: bool = True
+    plot_max_voxels: int = 20_000_000
+
+    def __post_init__(self) -> None:
+        if self.classifier not in CLASSIFIER_SETTINGS:
+            raise ConfigError(f"classifier must be one of {', '.join(CLASSIFIER_SETTINGS)}, got {self.classifier!r}")
+        if self.max_showers is not None and self.max_showers < 1:
+            raise ConfigError(f"max_showers must be a positive number of showers, got {self.max_showers}")
+        if self.prdc_k < 1 or self.prdc_max_showers < 1 or self.plot_max_voxels < 1:
+            raise ConfigError("prdc_k, prdc_max_showers and plot_max_voxels must be positive")
+
+
+# -- where showers come from ----------------------------------------------------------
+
+class _Sample:
+    """One side of the comparison (reference or generated): yields thresholded
+    chunks of the rows in use, from an open file or from arrays in memory."""
+
+    def __init__(self, name: str, binning: Binning, *, file: ShowerFile | None = None,
+                 arrays: tuple[np.ndarray, np.ndarray] | None = None, max_showers: int | None,
+                 rng: np.random.Generator) -> None:
+        self.name = name
+        self.binning = binning
+        self.file = file
+        if file is not None:
+            self.path: Path | None = file.path
+            self.n_available = file.n_showers
+            self.incident_dtype = incident_energy_dtype(str(file.path))
+        else:
+            assert arrays is not None
+            self.path = None
+            self._incident, self._showers = _check_arrays(name, arrays, binning)
+            self.n_available = len(self._incident)
+            self.incident_dtype = self._incident.dtype
+        if self.n_available == 0:
+            raise ShowerFileError(f"{self.path or name}: holds no showers; nothing to evaluate")
+        # Sorted row indices in use, or None for all rows.
+        self.rows: np.ndarray | None = None
+        if max_showers is not None and max_showers < self.n_available:
+            self.rows = np.sort(rng.choice(self.n_available, size=max_showers, replace=False))
+        self.n_used = self.n_available if self.rows is None else len(self.rows)
+
+    def _raw_chunks(self) -> Iterator[tuple[int, int]]:
+        size = default_chunk_size(self.binning.n_voxels)
+        for start in range(0, self.n_available, size):
+            yield start, min(start + size, self.n_available)
+
+    def chunks(self, desc: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(incident energies (n,) in the stored dtype, thresholded showers (n, n_voxels)) per chunk."""
+        with ProgressBar(self.n_used, desc=desc, unit="showers") as bar:
+            for start, stop in self._raw_chunks():
+                if self.rows is not None:
+                    lo, hi = np.searchsorted(self.rows, [start, stop])
+                    if lo == hi:
+                        continue  # no selected row in this chunk: skip reading it
+                    select = self.rows[lo:hi] - start
+                if self.file is not None:
+                    incident, showers = self.file.read(start, stop)
+                else:
+                    incident, showers = self._incident[start:stop], self._showers[start:stop]
+                if self.rows is not None:
+                    incident, showers = incident[select], showers[select]
+                yield (np.asarray(incident).astype(self.incident_dtype, copy=False),
+                       apply_threshold(showers, self.binning.readout_threshold))
+                bar.update(len(incident))
+
+
+def _check_arrays(name: str, arrays: tuple[np.ndarray, np.ndarray], binning: Binning
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        incident, showers = arrays
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{name}: give a pair (incident_energies, showers)") from exc
+    incident = np.asarray(incident).reshape(-1)
+    showers = np.asarray(showers)
+    if showers.ndim != 2 or showers.shape[1] != binning.n_voxels:
+        raise VoxelCountError(f"{name}: showers have shape {showers.shape}, binning {binning.name} needs "
+                              f"(N, {binning.n_voxels}); pass the binning the showers were made with")
+    if incident.shape[0] != showers.shape[0]:
+        raise ShowerFileError(f"{name}: {incident.shape[0]} incident energies for {showers.shape[0]} showers")
+    if not (np.isfinite(incident).all() and (incident > 0).all()):
+        raise InvalidEnergyError(f"{name}: incident energies must be positive and finite (MeV)")
+    check_voxel_energies(showers, where=name)
+    return incident, showers
+
+
+class _Accumulator:
+    """Everything one streaming pass over a sample collects."""
+
+    def __init__(self, sample: _Sample, *, keep_showers: bool, gather: dict[str, np.ndarray]) -> None:
+        self.binning = sample.binning
+        self.parts: list[ShowerFeatures] = []
+        self.max_voxel: np.floating | None = None
+        self.sum_shower = np.zeros(sample.binning.n_voxels)
+        self.n = 0
+        self.keep_showers = keep_showers
+        self.kept: list[tuple[np.ndarray, np.ndarray]] = []
+        self.gather = gather                       # name -> sorted positions among the rows in use
+        self.gathered: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {k: [] for k in gather}
+
+    def add(self, incident: np.ndarray, showers: np.ndarray) -> None:
+        self.parts.append(compute_features(incident, showers, self.binning))
+        if showers.size:
+            chunk_max = showers.max()
+            self.max_voxel = chunk_max if self.max_voxel is None else max(self.max_voxel, chunk_max)
+        self.sum_shower += showers.sum(axis=0, dtype=np.float64)
+        if self.keep_showers:
+            self.kept.append((incident, showers))
+        for key, positions in self.gather.items():
+            lo, hi = np.searchsorted(positions, [self.n, self.n + len(incident)])
+            if hi > lo:
+                local = positions[lo:hi] - self.n
+                self.gathered[key].append((incident[local], showers[local]))
+        self.n += len(incident)
+
+    def features(self) -> ShowerFeatures:
+        return ShowerFeatures.concatenate(self.parts)
+
+    def mean_shower(self) -> np.ndarray:
+        return self.sum_shower / max(self.n, 1)
+
+    def collected(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        return _stack(self.gathered[key], self.binning.n_voxels)
+
+    def all_showers(self) -> tuple[np.ndarray, np.ndarray]:
+        return _stack(self.kept, self.binning.n_voxels)
+
+
+def _stack(pieces: list[tuple[np.ndarray, np.ndarray]], n_voxels: int) -> tuple[np.ndarray, np.ndarray]:
+    if not pieces:
+        return np.zeros(0), np.zeros((0, n_voxels))
+    return np.concatenate([p[0] for p in pieces]), np.concatenate([p[1] for p in pieces])
+
+
+def _positions(n_used: int, at_most: int, rng: np.random.Generator) -> np.ndarray:
+    """Sorted random positions (without replacement) of a sub-sample of at most ``at_most`` rows."""
+    if n_used <= at_most:
+        return np.arange(n_used)
+    return np.sort(rng.choice(n_used, size=at_most, replace=False))
+
+
+# -- the evaluation ---------------------------------------------------------------------
+
+def evaluate_files(generated: str | Path, reference: str | Path, binning: Binning | str | Path,
+                   out_dir: str | Path, config: EvaluationConfig | None = None) -> dict[str, Any]:
+    """Evaluate a generated CaloChallenge file against a reference file.
+
+    Writes ``metrics.json``, ``summary.md`` and (if ``config.plots``) ``plots/*.png``
+    into ``out_dir`` and returns the metrics dict (the content of ``metrics.json``).
+    Raises :class:`~caloman.errors.ShowerFileError` (and subclasses) for unreadable
+    or inconsistent files, :class:`~caloman.errors.ConfigError` for bad settings.
+    """
+    config = config or EvaluationConfig()
+    binning = load_binning(binning)
+    with ExitStack() as stack:
+        files = {}
+        for name, path in (("reference", reference), ("generated", generated)):
+            # Values are checked chunk by chunk as they are read, so no separate scan here.
+            files[name] = stack.enter_context(ShowerFile(path, binning, check_values=False))
+        samples = _make_samples(binning, config, files=files)
+        return _evaluate(samples, binning, Path(out_dir), config)
+
+
+def evaluate_arrays(reference: tuple[np.ndarray, np.ndarray], generated: tuple[np.ndarray, np.ndarray],
+                    binning: Binning | str | Path, out_dir: str | Path,
+                    config: EvaluationConfig | None = None) -> dict[str, Any]:
+    """Evaluate generated showers against reference showers held in memory.
+
+    ``reference`` and ``generated`` are (incident_energies (N,) or (N, 1), showers
+    (N, n_voxels)) in MeV, not yet thresholded. Same outputs as :func:`evaluate_files`.
+    """
+    config = config or EvaluationConfig()
+    binning = load_binning(binning)
+    samples = _make_samples(binning, config, arrays={"reference": reference, "generated": generated})
+    return _evaluate(samples, binning, Path(out_dir), config)
+
+
+def _make_samples(binning: Binning, config: EvaluationConfig, *, files: dict[str, ShowerFile] | None = None,
+                  arrays: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> dict[str, _Sample]:
+    samples = {}
+    for name in ("reference", "generated"):
+        # The same stream for both sides: a file compared with itself uses the same
+        # rows on both sides and gives separation powers of exactly zero.
+        rng = np.random.default_rng([config.seed, 0])
+        samples[name] = _Sample(name, binning, file=files[name] if files else None,
+                                arrays=arrays[name] if arrays else None, max_showers=config.max_showers, rng=rng)
+    return samples
+
+
+def _evaluate(samples: dict[str, _Sample], binning: Binning, out_dir: Path, config: EvaluationConfig
+              ) -> dict[str, Any]:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"output folder {out_dir} is an existing file; give a folder name")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+    start_all = clock
+
+    def lap(step: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[step] = round(now - clock, 4)
+        clock = now
+
+    keep = config.classifier != "none"
+    accumulators = {}
+    for name, sample in samples.items():
+        rng = np.random.default_rng([config.seed, 1])  # same rows on both sides, as above
+        gather = {}
+        if config.prdc:
+            gather["prdc"] = _positions(sample.n_used, config.prdc_max_showers, rng)
+        if config.plots:
+            gather["plot"] = _positions(sample.n_used, max(1, config.plot_max_voxels // binning.n_voxels), rng)
+        accumulators[name] = _Accumulator(sample, keep_showers=keep, gather=gather)
+
+    # Pass 1 over the reference: features, largest voxel, sums; pass over the generated
+    # sample fills the voxel histogram too; pass 2 over the reference fills its voxel histogram.
+    ref_acc, gen_acc = accumulators["reference"], accumulators["generated"]
+    logger.info("evaluate: reading %d reference and %d generated showers", samples["reference"].n_used,
+                samples["generated"].n_used)
+    for incident, showers in samples["reference"].chunks("reference features"):
+        ref_acc.add(incident, showers)
+    lap("reference_features")
+    voxel_hist = VoxelEnergyHistogram.for_binning(binning, ref_acc.max_voxel if ref_acc.max_voxel is not None else 0.0)
+    for incident, showers in samples["generated"].chunks("generated features"):
+        gen_acc.add(incident, showers)
+        voxel_hist.add_generated(showers)
+    lap("generated_features")
+    if ref_acc.keep_showers:
+        for _, showers in ref_acc.kept:
+            voxel_hist.add_reference(showers)
+    else:
+        for _, showers in samples["reference"].chunks("reference voxel energies"):
+            voxel_hist.add_reference(showers)
+    lap("reference_voxel_histogram")
+
+    ref_features, gen_features = ref_acc.features(), gen_acc.features()
+    histograms = feature_histograms(ref_features, gen_features, binning, voxel_hist)
+    lap("separation_power")
+
+    metrics: dict[str, Any] = {
+        "caloman_version": __version__,
+        "versions": _versions(),
+        "binning": binning.name,
+        "binning_source": binning.source,
+        "threshold_mev": binning.readout_threshold,
+        "seed": config.seed,
+        "config": asdict(config),
+        "files": {name: (str(s.path.resolve()) if s.path is not None else None) for name, s in samples.items()},
+        "n_showers": {name: s.n_used for name, s in samples.items()},
+        "n_showers_available": {name: s.n_available for name, s in samples.items()},
+        "units": {
+            "separation_power": "chi-squared separation power of normalised histograms, 0 (identical) to 1 (disjoint)",
+            "fpd": "Frechet physics distance x 1e3 (as the CaloChallenge quotes it)",
+            "kpd": "kernel physics distance x 1e3 (as the CaloChallenge quotes it)",
+            "timings": "seconds",
+        },
+        "separation_power": {h.key: h.separation_power for h in histograms},
+        "classifier": {},
+        "fpd": None,
+        "kpd": None,
+        "prdc": None,
+        "notes": [],
+    }
+
+    classifier_results: list[ClassifierResult] = []
+    if keep:
+        run_classifier_test = _optional("caloman.metrics.classifier", "run_classifier_test",
+                                        "the classifier tests", "--classifier none")
+        reference_arrays, generated_arrays = ref_acc.all_showers(), gen_acc.all_showers()
+        ref_acc.kept, gen_acc.kept = [], []  # the concatenated copies are all we need now
+        reference_arrays = (reference_arrays[0].astype(np.float64), reference_arrays[1])
+        generated_arrays = (generated_arrays[0].astype(np.float64), generated_arrays[1])
+        for kind in CLASSIFIER_KINDS:
+            result = run_classifier_test(kind, reference_arrays, generated_arrays, binning,
+                                         setting=config.classifier, seed=config.seed)
+            classifier_results.append(result)
+            metrics["classifier"][kind] = {"auc": result.auc, "jsd": result.jsd, "setting": result.setting,
+                                           "best_epoch": result.best_epoch}
+            lap(f"classifier_{kind}")
+        del reference_arrays, generated_arrays
+
+    if config.fpd_kpd:
+        if min(ref_features.n_showers, gen_features.n_showers) < 2:
+            metrics["notes"].append("FPD/KPD skipped: they need at least 2 showers per sample")
+        else:
+            fpd = _optional("caloman.metrics.distances", "fpd", "FPD", "fpd_kpd=False")
+            kpd = _optional("caloman.metrics.distances", "kpd", "KPD", "fpd_kpd=False")
+            # The whole high-level vector, log10(E_inc) included: the challenge passes
+            # prepare_high_data_for_classifier(...)[:, :-1], which drops only the label column.
+            ref_vector, gen_vector = high_level_vector(ref_features), high_level_vector(gen_features)
+            value, error = fpd(ref_vector, gen_vector, seed=config.seed)
+            metrics["fpd"] = {"value": value * DISTANCE_SCALE, "error": error * DISTANCE_SCALE}
+            value, error = kpd(ref_vector, gen_vector, seed=config.seed)
+            metrics["kpd"] = {"value": value * DISTANCE_SCALE, "error": error * DISTANCE_SCALE}
+            lap("fpd_kpd")
+
+    if config.prdc:
+        ref_voxels, gen_voxels = ref_acc.collected("prdc")[1], gen_acc.collected("prdc")[1]
+        if min(len(ref_voxels), len(gen_voxels)) <= config.prdc_k:
+            metrics["notes"].append(f"PRDC skipped: it needs more than k = {config.prdc_k} showers per sample")
+        else:
+            prdc = _optional("caloman.metrics.distances", "prdc", "PRDC", "prdc=False")
+            metrics["prdc"] = prdc(_prdc_input(ref_voxels), _prdc_input(gen_voxels), k=config.prdc_k,
+                                   seed=config.seed)
+            metrics["prdc"]["n_showers"] = {"reference": len(ref_voxels), "generated": len(gen_voxels)}
+            lap("prdc")
+
+    if config.plots:
+        metrics["plots"] = _draw_plots(out_dir, binning, histograms, accumulators, classifier_results)
+        lap("plots")
+
+    timings["total"] = round(time.perf_counter() - start_all, 4)
+    metrics["timings"] = timings
+    metrics = _jsonable(metrics)
+    with atomic_path(out_dir / METRICS_FILE, suffix=".json.tmp") as tmp:
+        tmp.write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
+    with atomic_path(out_dir / SUMMARY_FILE, suffix=".md.tmp") as tmp:
+        tmp.write_text(render_summary(metrics))
+    return metrics
+
+
+def _optional(module: str, attribute: str | None, what: str, switch_off: str) -> Any:
+    """Import a part of caloman that is loaded only when needed (torch, matplotlib are slow to import)."""
+    try:
+        loaded = importlib.import_module(module)
+        return loaded if attribute is None else getattr(loaded, attribute)
+    except (ModuleNotFoundError, AttributeError) as exc:
+        if isinstance(exc, ModuleNotFoundError) and exc.name not in (module, None):
+            raise  # a missing third-party dependency is a real error
+        raise ConfigError(f"{what} need {module}.{attribute or ''}, which this build of caloman lacks; "
+                          f"switch them off ({switch_off})") from exc
+
+
+def _prdc_input(showers: np.ndarray) -> np.ndarray:
+    """log10 of voxel energies with empty voxels at 0.1 MeV (the challenge's PRDC input), (n, n_voxels)."""
+    return np.log10(np.where(showers == 0.0, np.asarray(PRDC_EMPTY_VOXEL_MEV, dtype=showers.dtype), showers))
+
+
+def _draw_plots(out_dir: Path, binning: Binning, histograms: list[FeatureHistogram],
+                accumulators: dict[str, _Accumulator], classifier_results: list[ClassifierResult]) -> list[str]:
+    plots = _optional("caloman.plots", None, "the plots", "--no-plots")
+
+    plot_dir = out_dir / PLOTS_DIR
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    paths = list(plots.plot_feature_histograms(histograms, plot_dir))
+    for name, acc in accumulators.items():
+        paths.append(plots.plot_average_shower(acc.mean_shower(), binning, plot_dir / f"average_shower_{name}.png",
+                                               title=f"Average {name} shower"))
+        incident, showers = acc.collected("plot")
+        if len(incident):
+            paths.append(plots.plot_average_showers_per_energy(
+                incident, showers, binning, plot_dir / f"average_showers_per_energy_{name}.png"))
+    if classifier_results:
+        paths.append(plots.plot_roc(classifier_results, plot_dir / "roc.png"))
+    return [str(Path(p).relative_to(out_dir)) if Path(p).is_relative_to(out_dir) else str(p) for p in paths]
+
+
+def _versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"caloman": __version__, "numpy": np.__version__,
+                                       "python": platform.python_version()}
+    for package in ("torch", "h5py", "scipy", "scikit-learn"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON types; non-finite floats become null (JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+# -- the human-readable summary ------------------------------------------------------------
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def render_summary(metrics: dict[str, Any]) -> str:
+    """Markdown summary of a metrics dict (as written to ``summary.md``)."""
+    lines = ["# caloman evaluation", ""]
+    files = metrics.get("files", {})
+    n = metrics.get("n_showers", {})
+    for name in ("reference", "generated"):
+        source = files.get(name) or "arrays in memory"
+        lines.append(f"- {name}: `{source}` ({n.get(name, '?')} showers)")
+    lines += [f"- binning: {metrics['binning']}, readout threshold {metrics['threshold_mev']:.6g} MeV, "
+              f"seed {metrics['seed']}", f"- caloman {metrics['caloman_version']}", ""]
+
+    lines += ["## Separation power of feature histograms", "",
+              "Chi-squared separation power (0: identical, 1: disjoint); lower is better.", "",
+              "| feature | separation power |", "|---|---:|"]
+    for key, value in metrics["separation_power"].items():
+        lines.append(f"| `{key}` | {_fmt(value)} |")
+    lines.append("")
+
+    classifier = metrics.get("classifier") or {}
+    lines.append("## Classifier tests")
+    lines.append("")
+    if classifier:
+        settings = sorted({v.get("setting", "?") for v in classifier.values()})
+        setting = ", ".join(settings)
+        note = ("the challenge's full protocol" if settings == ["full"]
+                else "a reduced setting: not comparable with the challenge's published numbers")
+        lines += [f"Setting: **{setting}** ({note}). AUC 0.5 means indistinguishable.", "",
+                  f"| input ({setting}) | AUC | JSD |", "|---|---:|---:|"]
+        for kind, result in classifier.items():
+            lines.append(f"| {kind} | {_fmt(result.get('auc'))} | {_fmt(result.get('jsd'))} |")
+    else:
+        lines.append("Not run (classifier setting `none`).")
+    lines.append("")
+
+    lines += ["## Physics distances", ""]
+    if metrics.get("fpd") or metrics.get("kpd"):
+        lines += ["| distance (x 1e3) | value | error |", "|---|---:|---:|"]
+        for key in ("fpd", "kpd"):
+            if metrics.get(key):
+                lines.append(f"| {key.upper()} | {_fmt(metrics[key]['value'])} | {_fmt(metrics[key]['error'])} |")
+    else:
+        lines.append("FPD / KPD not computed.")
+    lines.append("")
+    prdc = metrics.get("prdc")
+    if prdc:
+        lines += ["| PRDC | value |", "|---|---:|"]
+        for key in ("precision", "recall", "density", "coverage"):
+            if key in prdc:
+                lines.append(f"| {key} | {_fmt(prdc[key])} |")
+        lines.append("")
+    for note in metrics.get("notes", []):
+        lines.append(f"- {note}")
+    timings = metrics.get("timings", {})
+    if timings:
+        lines += ["", "## Timings (s)", "", "| step | seconds |", "|---|---:|"]
+        lines += [f"| {step} | {seconds:.2f} |" for step, seconds in timings.items()]
+    return "\n".join(lines) + "\n"
