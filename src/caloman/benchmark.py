@@ -1,0 +1,432 @@
+"""``caloman benchmark``: generation speed, training time, memory and fidelity,
+measured in one run on one machine.
+
+Speed is wall-clock time per shower at several batch sizes, from incident
+energies to physical showers in MeV as a numpy array (preprocessing undone),
+on the CPU with a fixed number of threads and, when CUDA is available, on the
+GPU. Absolute times depend on the machine, so every benchmark also times a
+*reference sampler* in the same process: the architecture of the authors'
+released CaloMan sampler for dataset 1 photons (autoregressive spline flows for
+layer energies and for a 35-dimensional latent space, a decoder of three
+512-wide layers conditioned on the energies), rebuilt here from caloman's own
+components with random weights. Its times are a yardstick, not a claim about
+the authors' code.
+
+Fidelity comes from :mod:`caloman.evaluation` on held-out showers; numbers from
+the quick classifier are labelled as such.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from caloman import __version__
+from caloman.errors import ConfigError
+from caloman.geometry import Binning, load_binning
+from caloman.io import atomic_path, load_showers
+
+logger = logging.getLogger("caloman.benchmark")
+
+BENCHMARK_JSON = "benchmark.json"
+BENCHMARK_MD = "benchmark.md"
+
+#: Showers per incident energy of the dataset-1 ladder (15 energies) used by each profile.
+PROFILE_SIZES = {
+    # profile: (training showers per energy, held-out reference showers per energy)
+    "quick": (1_000, 400),
+    "full": (6_667, 1_400),  # 100,005 training and 21,000 held-out showers
+}
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    """What the benchmark runs.
+
+    Attributes:
+        profile: "quick" (small data and models, minutes) or "full" (100,000
+            training showers, paper-sized models).
+        models: model kinds to train (or load) and compare.
+        binning: the binning of the built-in data (dataset-1 photons by default).
+        batch_sizes: generation batch sizes timed.
+        threads: torch CPU threads for the timings.
+        seed: seeds the built-in data, training and generation.
+        classifier: "quick", "full" or "none" for the fidelity evaluation.
+        reference_sampler: also time the re-built authors' sampler architecture.
+        min_seconds: each batch size is timed for at least this long (after warm-up).
+    """
+
+    profile: str = "quick"
+    models: tuple[str, ...] = ("caloman",)
+    binning: str = "ds1-photons"
+    batch_sizes: tuple[int, ...] = (1, 100, 10_000)
+    threads: int = 2
+    seed: int = 0
+    classifier: str = "quick"
+    reference_sampler: bool = True
+    min_seconds: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.profile not in PROFILE_SIZES:
+            raise ConfigError(f"profile must be one of {', '.join(PROFILE_SIZES)}, got {self.profile!r}")
+        if not self.models:
+            raise ConfigError("give at least one model to benchmark")
+        if any(b < 1 for b in self.batch_sizes):
+            raise ConfigError(f"batch sizes must be positive, got {self.batch_sizes}")
+
+    @property
+    def train_per_energy(self) -> int:
+        return PROFILE_SIZES[self.profile][0]
+
+    @property
+    def reference_per_energy(self) -> int:
+        return PROFILE_SIZES[self.profile][1]
+
+
+# ---------------------------------------------------------------------------
+# timing
+# ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Timing:
+    """Time per shower at one batch size on one device."""
+
+    batch_size: int
+    device: str
+    ms_per_shower: float
+    calls: int
+    threads: int
+
+
+def time_sampler(sample: Callable[[Tensor], Tensor], energies: np.ndarray, batch_size: int, *,
+                 device: str = "cpu", min_seconds: float = 2.0, min_calls: int = 3, warmup_calls: int = 3
+                 ) -> Timing:
+    """Median wall time per shower of ``sample(incident_energies) -> showers``,
+    including the copy of the showers into a numpy array on the host.
+
+    Incident energies for each call are drawn in turn from ``energies`` (MeV).
+    """
+    pool = torch.as_tensor(np.resize(np.asarray(energies, dtype=np.float32), max(batch_size, len(energies))))
+    pool = pool.to(device)
+    n = len(pool)
+
+    def one_call(i: int) -> float:
+        start = (i * batch_size) % max(1, n - batch_size + 1)
+        batch = pool[start:start + batch_size]
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = sample(batch)
+            out.to("cpu").numpy()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    for i in range(warmup_calls):
+        one_call(i)
+    durations: list[float] = []
+    t_start = time.perf_counter()
+    while len(durations) < min_calls or time.perf_counter() - t_start < min_seconds:
+        durations.append(one_call(len(durations)))
+        if len(durations) >= 10_000:
+            break
+    return Timing(batch_size=batch_size, device=device, ms_per_shower=1e3 * statistics.median(durations) / batch_size,
+                  calls=len(durations), threads=torch.get_num_threads())
+
+
+def time_model(sample: Callable[[Tensor], Tensor], energies: np.ndarray, config: BenchmarkConfig,
+               devices: Sequence[str]) -> list[Timing]:
+    """:func:`time_sampler` for every batch size of ``config`` on every device."""
+    from caloman.progress import progress
+
+    results = []
+    for device in devices:
+        for batch_size in progress(config.batch_sizes, desc=f"timing on {device}"):
+            results.append(time_sampler(sample, energies, batch_size, device=device, min_seconds=config.min_seconds))
+    return results
+
+
+def available_devices() -> list[str]:
+    return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+
+
+def count_parameters(module: nn.Module) -> int:
+    return int(sum(p.numel() for p in module.parameters()))
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (MiB)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+# ---------------------------------------------------------------------------
+# the reference sampler (authors' architecture, random weights)
+# ---------------------------------------------------------------------------
+class ReferenceSampler(nn.Module):
+    """The cost structure of the authors' released CaloMan sampler (dataset 1
+    photons), rebuilt from caloman's components with random weights.
+
+    Per call: an autoregressive spline flow (4 transforms, 8 bins) samples the
+    layer energies given E_inc; a second one (4 transforms, hidden width 64)
+    samples a 35-dimensional latent code given E_inc and the layer energies;
+    a decoder (3 x 512, conditioned on the same) maps it to voxels, which are
+    normalised per layer and multiplied by the layer energies. Autoregressive
+    inversion needs one network pass per dimension, which is what makes the
+    original slow at batch 1.
+    """
+
+    def __init__(self, binning: Binning, latent_dim: int = 35) -> None:
+        super().__init__()
+        import zuko
+
+        n_layers = len(binning.relevant_layers)
+        self.slices = [binning.layer_slice(lid) for lid in binning.relevant_layers]
+        self.layer_flow = zuko.flows.NSF(n_layers, context=1, transforms=4, bins=8, hidden_features=(8, 8))
+        self.latent_flow = zuko.flows.NSF(latent_dim, context=1 + n_layers, transforms=4, bins=8,
+                                          hidden_features=(64, 64, 64))
+        self.decoder = nn.Sequential(nn.Linear(latent_dim + 1 + n_layers, 512), nn.ReLU(), nn.Linear(512, 512),
+                                     nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, binning.n_voxels))
+        self.eval()
+
+    def forward(self, incident_energies: Tensor) -> Tensor:
+        log_e = torch.log10(incident_energies / 1e3).unsqueeze(-1)
+        u = torch.sigmoid(self.layer_flow(log_e).sample())
+        layer_energies = u / u.sum(-1, keepdim=True) * incident_energies.unsqueeze(-1)
+        context = torch.cat([log_e, torch.log1p(layer_energies)], dim=-1)
+        z = self.latent_flow(context).sample()
+        voxels = torch.sigmoid(self.decoder(torch.cat([z, context], dim=-1)))
+        parts = [voxels[:, s] / (voxels[:, s].sum(-1, keepdim=True) + 1e-12) * layer_energies[:, i:i + 1]
+                 for i, s in enumerate(self.slices)]
+        return torch.cat(parts, dim=-1)
+
+
+# ---------------------------------------------------------------------------
+# the benchmark
+# ---------------------------------------------------------------------------
+@dataclass
+class ModelResult:
+    """Everything measured for one model."""
+
+    model: str
+    run_dir: str
+    parameters: int
+    training_seconds: float | None
+    training_peak_rss_mib: float | None
+    timings: list[Timing]
+    evaluation: dict[str, Any] = field(default_factory=dict)
+
+
+def simulate_builtin_data(out_dir: Path, binning: Binning, config: BenchmarkConfig) -> tuple[Path, Path, float]:
+    """Simulate the training and held-out reference files (different seeds).
+    Returns their paths and the simulator's time per shower in ms."""
+    from caloman.simulation.energies import ladder_energies
+    from caloman.simulation.simulator import simulate_to_file
+
+    train, reference = out_dir / "train.h5", out_dir / "reference.h5"
+    t0 = time.perf_counter()
+    n = 0
+    for path, per_energy, seed in ((train, config.train_per_energy, config.seed + 1),
+                                   (reference, config.reference_per_energy, config.seed + 2)):
+        if not path.exists():
+            energies = ladder_energies(per_energy)
+            simulate_to_file(path, binning, energies, seed=seed)
+            n += len(energies)
+    ms = 1e3 * (time.perf_counter() - t0) / n if n else float("nan")
+    return train, reference, ms
+
+
+def run_benchmark(out_dir: str | Path, config: BenchmarkConfig, *, run_dirs: dict[str, Path] | None = None,
+                  train_file: Path | None = None, reference_file: Path | None = None) -> dict[str, Any]:
+    """Train (or load) each model, time it, evaluate it; write ``benchmark.json``
+    and ``benchmark.md`` into ``out_dir`` and return the results."""
+    from caloman.evaluation import EvaluationConfig, evaluate_arrays
+    from caloman.generation import generate
+    from caloman.runs import load_run, train_run
+    from caloman.training import TrainingConfig
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    binning = load_binning(config.binning)
+    torch.set_num_threads(config.threads)
+    started = datetime.now(UTC)
+    simulator_ms = None
+    if train_file is None or reference_file is None:
+        train_file, reference_file, simulator_ms = simulate_builtin_data(out_dir / "data", binning, config)
+    ref_energies, ref_showers = load_showers(reference_file, binning)
+    devices = available_devices()
+
+    results: list[ModelResult] = []
+    for kind in config.models:
+        run_dir = (run_dirs or {}).get(kind)
+        if run_dir is None:
+            run_dir = out_dir / "runs" / kind
+            if (run_dir / "model.safetensors").exists():
+                loaded = load_run(run_dir)
+            else:
+                logger.info("training %s (%s profile) on %s", kind, config.profile, train_file)
+                training = TrainingConfig.profile(config.profile, seed=config.seed, num_threads=config.threads)
+                loaded = train_run(train_file, binning, run_dir, model_kind=kind, profile=config.profile,
+                                   training=training)
+        else:
+            loaded = load_run(run_dir)
+        model = loaded.model
+        history = loaded.history
+        train_s = sum(s.seconds for s in history.stages) + history.preprocessing_seconds
+        peaks = [s.peak_rss_mib for s in history.stages if s.peak_rss_mib is not None]
+
+        logger.info("timing %s", kind)
+        timings = []
+        for device in devices:
+            model.to(device)
+            timings += time_model(model.sample, ref_energies, config, [device])
+        model.to("cpu")
+
+        logger.info("generating %d showers with %s for the evaluation", len(ref_energies), kind)
+        generated = np.concatenate(list(generate(model, ref_energies, batch_size=10_000, seed=config.seed,
+                                                 energy_policy="warn")))
+        metrics = evaluate_arrays((ref_energies, ref_showers), (ref_energies, generated), binning,
+                                  out_dir / "evaluation" / kind,
+                                  EvaluationConfig(classifier=config.classifier, seed=config.seed))
+        results.append(ModelResult(model=kind, run_dir=str(run_dir), parameters=count_parameters(model),
+                                   training_seconds=train_s, training_peak_rss_mib=max(peaks) if peaks else None,
+                                   timings=timings, evaluation=metrics))
+
+    reference_timings: list[Timing] = []
+    if config.reference_sampler:
+        torch.manual_seed(config.seed)
+        sampler = ReferenceSampler(binning)
+        for device in devices:
+            sampler.to(device)
+            reference_timings += time_model(sampler, ref_energies, config, [device])
+
+    report = {
+        "caloman_version": __version__,
+        "date": started.isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+        "config": dataclasses.asdict(config),
+        "machine": machine_info(),
+        "data": {"train": str(train_file), "reference": str(reference_file), "n_reference": int(len(ref_energies)),
+                 "simulator_ms_per_shower": simulator_ms},
+        "models": [dataclasses.asdict(r) for r in results],
+        "reference_sampler": [dataclasses.asdict(t) for t in reference_timings],
+        "process_peak_rss_mib": peak_rss_mib(),
+        "seconds": (datetime.now(UTC) - started).total_seconds(),
+    }
+    with atomic_path(out_dir / BENCHMARK_JSON) as tmp:
+        tmp.write_text(json.dumps(_jsonable(report), indent=1))
+    with atomic_path(out_dir / BENCHMARK_MD) as tmp:
+        tmp.write_text(render_markdown(report))
+    return report
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
+            "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+# ---------------------------------------------------------------------------
+# markdown
+# ---------------------------------------------------------------------------
+def _timing_lookup(timings: list[dict[str, Any]]) -> dict[tuple[str, int], float]:
+    return {(t["device"], t["batch_size"]): t["ms_per_shower"] for t in timings}
+
+
+def _fmt(value: float | None, fmt: str = ".4f") -> str:
+    return "n/a" if value is None or (isinstance(value, float) and not np.isfinite(value)) else format(value, fmt)
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """The benchmark table(s) as markdown."""
+    cfg = report["config"]
+    machine = report["machine"]
+    lines = [f"# caloman benchmark ({cfg['profile']} profile)", "",
+             f"{report['date']}, caloman {report['caloman_version']}, torch {machine['torch']}, "
+             f"{machine['cpu']}, {cfg['threads']} CPU threads"
+             + (f", GPU {machine['gpu']}" if machine.get("gpu") else ", no GPU") + ".", "",
+             f"Command: `{report['command']}`", ""]
+    ref = _timing_lookup(report["reference_sampler"])
+    devices = sorted({t["device"] for m in report["models"] for t in m["timings"]})
+    batch_sizes = cfg["batch_sizes"]
+
+    lines += ["## Generation time (ms per shower, incl. post-processing to MeV)", ""]
+    header = ["model"] + [f"{d} batch {b:,}" for d in devices for b in batch_sizes]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = [(m["model"], _timing_lookup(m["timings"])) for m in report["models"]]
+    if ref:
+        rows.append(("reference sampler (authors' architecture, random weights)", ref))
+    for name, table in rows:
+        lines.append("| " + " | ".join([name] + [_fmt(table.get((d, b))) for d in devices for b in batch_sizes]) + " |")
+    if ref:
+        lines += ["", "Ratio to the reference sampler measured in the same run (below 1 = faster):", ""]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for m in report["models"]:
+            t = _timing_lookup(m["timings"])
+            cells = [_fmt(t[(d, b)] / ref[(d, b)], ".2f") if (d, b) in t and (d, b) in ref else "n/a"
+                     for d in devices for b in batch_sizes]
+            lines.append("| " + " | ".join([m["model"]] + cells) + " |")
+
+    lines += ["", "## Training and size", "", "| model | parameters | training wall time | peak RSS |",
+              "|---|---|---|---|"]
+    for m in report["models"]:
+        train = "n/a" if m["training_seconds"] is None else f"{m['training_seconds'] / 60:.1f} min"
+        rss = "n/a" if m["training_peak_rss_mib"] is None else f"{m['training_peak_rss_mib']:.0f} MiB"
+        lines.append(f"| {m['model']} | {m['parameters']:,} | {train} | {rss} |")
+
+    lines += ["", f"## Fidelity on {report['data']['n_reference']:,} held-out showers", ""]
+    setting = cfg["classifier"]
+    header = ["model", "max separation power", "worst feature", f"AUC low ({setting})",
+              f"AUC low-normed ({setting})", f"AUC high ({setting})", "FPD x1e3", "KPD x1e3"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for m in report["models"]:
+        ev = m["evaluation"]
+        seps = ev.get("separation_power", {})
+        worst = max(seps, key=seps.get) if seps else None
+        clf = ev.get("classifier", {})
+        cells = [m["model"], _fmt(seps.get(worst)) if worst else "n/a", worst or "n/a"]
+        cells += [_fmt(clf.get(k, {}).get("auc"), ".3f") for k in ("low", "low_normed", "high")]
+        cells += [_fmt((ev.get(k) or {}).get("value"), ".3f") for k in ("fpd", "kpd")]
+        lines.append("| " + " | ".join(cells) + " |")
+    if report["data"].get("simulator_ms_per_shower"):
+        lines += ["", f"Built-in simulator: {report['data']['simulator_ms_per_shower']:.3f} ms per shower "
+                      "(simulation and writing)."]
+    lines.append("")
+    return "\n".join(lines)
