@@ -225,3 +225,27 @@ def test_cli_with_the_caloman_model(tmp_path):
                  "--out", str(tmp_path / "gen.h5")]) == 0
     with ShowerFile(tmp_path / "gen.h5", "ds1-photons") as f:
         assert f.n_showers == 20
+
+
+def test_cli_train_latent_dim_from_dimension_json(tmp_path):
+    """`caloman train --latent-dim-from dimension.json` uses the estimate's recommended dimension."""
+    from caloman.dimension import DimensionEstimate
+
+    rng = np.random.default_rng(1)
+    n = 120
+    e = np.exp(rng.uniform(np.log(256), np.log(4e6), n))
+    x = (rng.gamma(0.3, 1.0, (n, 368)) * (0.01 * e[:, None])).astype(np.float32)
+    write_showers(tmp_path / "train.h5", e, x, binning="ds1-photons")
+    estimate = DimensionEstimate(k_values=(5, 10, 20), estimates={"preprocessed": np.array([6.0, 4.4, 3.0])},
+                                 n_points={"preprocessed": n})
+    (tmp_path / "dimension.json").write_text(estimate.to_json())
+    (tmp_path / "cfg.toml").write_text(
+        "[model]\nhidden = [16]\nflow_hidden = [8]\nlayer_flow_hidden = [8]\n"
+        "[training]\nepochs = 1\nbatch_size = 64\nnum_threads = 1\n")
+    run = tmp_path / "run"
+    assert main(["-q", "train", str(tmp_path / "train.h5"), "--binning", "ds1-photons", "--out", str(run),
+                 "--config", str(tmp_path / "cfg.toml"), "--latent-dim-from", str(tmp_path / "dimension.json")]) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["config"]["latent_dim"] == 4  # d at k = 10, rounded
+    assert main(["-q", "train", str(tmp_path / "train.h5"), "--binning", "ds1-photons", "--out",
+                 str(tmp_path / "run2"), "--latent-dim-from", str(tmp_path / "absent.json")]) == 2

@@ -43,7 +43,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="continue an interrupted run in RUN with its stored settings")
     parser.add_argument("--seed", type=int, help="seed of the split, initial weights and batches")
     parser.add_argument("--max-showers", type=int, metavar="N", help="train on the first N showers of FILE")
-    parser.add_argument("--latent-dim", type=int, metavar="D", help="latent dimension (model option latent_dim)")
+    latent = parser.add_mutually_exclusive_group()
+    latent.add_argument("--latent-dim", type=int, metavar="D", help="latent dimension (model option latent_dim)")
+    latent.add_argument("--latent-dim-from", type=Path, metavar="DIMENSION.json",
+                        help="take the latent dimension from `caloman dimension` output (its recommended value)")
     parser.set_defaults(func=run)
     return parser
 
@@ -61,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
         run_config = read_run_config(out)
         changed = [opt for opt, value in (("--profile", args.profile), ("--config", args.config),
                                           ("--seed", args.seed), ("--max-showers", args.max_showers),
-                                          ("--latent-dim", args.latent_dim)) if value is not None]
+                                          ("--latent-dim", args.latent_dim),
+                                          ("--latent-dim-from", args.latent_dim_from)) if value is not None]
         if changed:
             raise ConfigError(f"--resume continues {out} with the settings stored in {out / CONFIG_FILE}; drop "
                               f"{', '.join(changed)}, or start a new run with another --out")
@@ -85,6 +89,11 @@ def run(args: argparse.Namespace) -> int:
         model_overrides = dict(file_config.model)
         if args.latent_dim is not None:
             model_overrides["latent_dim"] = args.latent_dim
+        elif args.latent_dim_from is not None:
+            from caloman.dimension import DimensionEstimate
+
+            model_overrides["latent_dim"] = DimensionEstimate.from_json(args.latent_dim_from).recommended()
+            logger.info("latent dimension %d from %s", model_overrides["latent_dim"], args.latent_dim_from)
         kind = args.model or DEFAULT_MODEL
         logger.info("training %s on %s (%s) into %s", kind, args.file, args.binning, out)
         loaded = train_run(args.file, args.binning, out, model_kind=kind, profile=profile,

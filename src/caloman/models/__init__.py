@@ -13,12 +13,16 @@ from typing import Any
 
 from caloman.errors import ConfigError
 from caloman.geometry import Binning, load_binning
+from caloman.models.ambient import AmbientFlowConfig, AmbientFlowModel
 from caloman.models.base import ShowerModel, Stage
+from caloman.models.caloflow import CaloFlowConfig, CaloFlowModel
 from caloman.models.caloman import CaloManConfig, CaloManModel
 
 #: kind -> (config class, model class).
 _REGISTRY: dict[str, tuple[type, type[ShowerModel]]] = {
     "caloman": (CaloManConfig, CaloManModel),
+    "caloflow": (CaloFlowConfig, CaloFlowModel),
+    "ambient-flow": (AmbientFlowConfig, AmbientFlowModel),
 }
 
 #: Model kinds accepted by ``--model`` and :func:`build_model`.
@@ -51,4 +55,4 @@ def build_model(kind: str, binning: Binning | str, *, profile: str = "quick",
 
 
 __all__ = ["MODEL_KINDS", "build_model", "model_config_from_dict", "ShowerModel", "Stage", "CaloManConfig",
-           "CaloManModel"]
+           "CaloManModel", "CaloFlowConfig", "CaloFlowModel", "AmbientFlowConfig", "AmbientFlowModel"]
