@@ -33,8 +33,9 @@ class Stage:
     for the training split first and then for the validation split, after
     all earlier stages are trained, under ``torch.no_grad()`` with the model in
     eval mode; it must depend only on earlier stages (resuming calls it again),
-    and a model may fit constants on its first (training-split) call. ``loss(batch)`` returns the mean loss of a batch (a tuple
-    sliced from those tensors) as a scalar tensor. Only ``module``'s parameters
+    and a model may fit constants on its first (training-split) call.
+    ``loss(batch)`` returns the mean loss of a batch (a tuple sliced from those
+    tensors) as a scalar tensor. Only ``module``'s parameters
     are optimised in this stage.
     """
 
