@@ -113,13 +113,17 @@ class Timing:
 
 
 def time_sampler(sample: Callable[[Tensor], Tensor], energies: np.ndarray, batch_size: int, *,
-                 device: str = "cpu", min_seconds: float = 2.0, min_calls: int = 3, warmup_calls: int = 3
+                 device: str = "cpu", min_seconds: float = 2.0, min_calls: int = 3, warmup_calls: int | None = None
                  ) -> Timing:
     """Median wall time per shower of ``sample(incident_energies) -> showers``,
     including the copy of the showers into a numpy array on the host.
 
     Incident energies for each call are drawn in turn from ``energies`` (MeV).
+    ``warmup_calls`` untimed calls come first (default 3, or 1 for batches of
+    1,000 and more, where one call already warms every code path).
     """
+    if warmup_calls is None:
+        warmup_calls = 3 if batch_size < 1000 else 1
     pool = torch.as_tensor(np.resize(np.asarray(energies, dtype=np.float32), max(batch_size, len(energies))))
     pool = pool.to(device)
     n = len(pool)

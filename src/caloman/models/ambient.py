@@ -22,7 +22,6 @@ CaloFlow's remedy.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,18 +33,16 @@ from caloman.errors import ConfigError
 from caloman.geometry import Binning
 from caloman.models.base import ShowerModel, Stage
 from caloman.models.caloflow import (
-    check_flow_sizes,
-    config_from_dict,
     incident_condition,
     noise_level_mev,
     noisy_voxels,
     stored_noise,
 )
+from caloman.models.config import ModelConfig, check_flow_sizes
 from caloman.models.flows import ConditionalFlow
 from caloman.preprocessing import apply_threshold
 
 #: Named configurations accepted by :meth:`AmbientFlowConfig.profile`.
-PROFILES = ("quick", "full")
 
 #: Offset inside log(x / E_inc + eps): below noise / E_inc at the highest energies (1 keV / 4 TeV).
 RATIO_EPS = 1e-12
@@ -56,7 +53,7 @@ _FIT_SEED = 0
 
 
 @dataclass(frozen=True)
-class AmbientFlowConfig:
+class AmbientFlowConfig(ModelConfig):
     """Everything that defines an (untrained) ambient flow.
 
     transforms, hidden, bins: the coupling RQS flow (hidden: each transform's
@@ -81,6 +78,8 @@ class AmbientFlowConfig:
     output_threshold: bool = True
     cap_voxels: bool = True
 
+    label = "ambient-flow"
+
     def __post_init__(self) -> None:
         check_flow_sizes(self, ("transforms",), ("bins",), ("hidden",))
         if not self.bound > 0:
@@ -99,19 +98,8 @@ class AmbientFlowConfig:
         CaloFlow's size)."""
         return cls()
 
-    @classmethod
-    def profile(cls, name: str) -> AmbientFlowConfig:
-        if name not in PROFILES:
-            raise ConfigError(f"unknown model profile {name!r}; choose one of {', '.join(PROFILES)}")
-        return getattr(cls, name)()
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any], base: AmbientFlowConfig | None = None) -> AmbientFlowConfig:
-        """``base`` (default: the defaults) with ``values`` replacing its fields."""
-        return config_from_dict(cls, values, base, "ambient-flow")
 
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
 class AmbientFlowModel(ShowerModel):

@@ -45,7 +45,6 @@ or to fit this package's data:
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +55,7 @@ from torch import Tensor, nn
 from caloman.errors import ConfigError
 from caloman.geometry import Binning
 from caloman.models.base import ShowerModel, Stage
+from caloman.models.config import ModelConfig, check_flow_sizes
 from caloman.models.flows import ConditionalFlow, rqs_inverse
 from caloman.models.layer_energy import LOGIT_BOUND, LayerEnergyModel
 from caloman.preprocessing import (
@@ -68,7 +68,6 @@ from caloman.preprocessing import (
 )
 
 #: Named configurations accepted by :meth:`CaloFlowConfig.profile`.
-PROFILES = ("quick", "full")
 
 #: CaloFlow's reference energies (MeV): E_inc / 10 GeV (Eq. 4.4), (E_i + 1 keV) / 100 GeV (Eq. 4.5).
 INCIDENT_REFERENCE_MEV = 1e4
@@ -160,54 +159,8 @@ def _made_inverse(layer: nn.Module, y: Tensor, context: Tensor, bound: float) ->
     return x
 
 
-# -- configuration -----------------------------------------------------------------------------
-def config_from_dict(cls: type, values: dict[str, Any], base: Any, label: str) -> Any:
-    """``base`` (default: ``cls()``) with ``values`` replacing its fields, type-checked against
-    the defaults; lists become tuples (JSON and TOML have no tuples). Unknown keys raise
-    ConfigError naming the valid ones."""
-    base = base if base is not None else cls()
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(values) - set(names))
-    if unknown:
-        raise ConfigError(f"unknown {label} model option(s) {', '.join(unknown)}; valid options: {', '.join(names)}")
-    converted = {}
-    for key, value in values.items():
-        default = getattr(base, key)
-        if isinstance(default, tuple):
-            if not isinstance(value, list | tuple) or not all(isinstance(v, int | np.integer) for v in value):
-                raise ConfigError(f"model option {key} must be a list of layer sizes, got {value!r}")
-            value = tuple(int(v) for v in value)
-        elif isinstance(default, bool):
-            if not isinstance(value, bool):
-                raise ConfigError(f"model option {key} must be true or false, got {value!r}")
-        elif isinstance(default, int):
-            if isinstance(value, bool) or not isinstance(value, int | np.integer):
-                raise ConfigError(f"model option {key} must be an integer, got {value!r}")
-            value = int(value)
-        elif isinstance(default, float):
-            if isinstance(value, bool) or not isinstance(value, int | float | np.number):
-                raise ConfigError(f"model option {key} must be a number, got {value!r}")
-            value = float(value)
-        converted[key] = value
-    return dataclasses.replace(base, **converted)
-
-
-def check_flow_sizes(config: Any, transforms: tuple[str, ...], bins: tuple[str, ...], hidden: tuple[str, ...]) -> None:
-    """ConfigError unless the named fields are >= 1 transforms, >= 2 bins, positive layer sizes."""
-    for name in transforms:
-        if int(getattr(config, name)) < 1:
-            raise ConfigError(f"model option {name} must be at least 1, got {getattr(config, name)}")
-    for name in bins:
-        if int(getattr(config, name)) < 2:
-            raise ConfigError(f"model option {name} must be at least 2, got {getattr(config, name)}")
-    for name in hidden:
-        sizes = getattr(config, name)
-        if not sizes or any(int(s) < 1 for s in sizes):
-            raise ConfigError(f"model option {name} must list positive layer sizes, got {sizes!r}")
-
-
 @dataclass(frozen=True)
-class CaloFlowConfig:
+class CaloFlowConfig(ModelConfig):
     """Everything that defines an (untrained) CaloFlow model.
 
     Flow I (layer energies, coupling RQS flow with bound 14):
@@ -246,6 +199,8 @@ class CaloFlowConfig:
     output_threshold: bool = True
     rescale_after_threshold: bool = True
 
+    label = "caloflow"
+
     def __post_init__(self) -> None:
         check_flow_sizes(self, ("layer_flow_transforms", "shape_flow_transforms"),
                          ("layer_flow_bins", "shape_flow_bins"), ("layer_flow_hidden", "shape_flow_hidden"))
@@ -265,19 +220,8 @@ class CaloFlowConfig:
         """The paper's sizes (Table 2): Flow I 6 x (64, 64, 64), Flow II 8 x (378, 378), 8 bins."""
         return cls()
 
-    @classmethod
-    def profile(cls, name: str) -> CaloFlowConfig:
-        if name not in PROFILES:
-            raise ConfigError(f"unknown model profile {name!r}; choose one of {', '.join(PROFILES)}")
-        return getattr(cls, name)()
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any], base: CaloFlowConfig | None = None) -> CaloFlowConfig:
-        """``base`` (default: the defaults) with ``values`` replacing its fields."""
-        return config_from_dict(cls, values, base, "caloflow")
 
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
 # -- the model -----------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ Training stages, in order: ``layer_energy`` (per-layer only), ``autoencoder``,
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +31,7 @@ from caloman.errors import ConfigError
 from caloman.geometry import Binning
 from caloman.models.autoencoders import AUTOENCODER_KINDS, RECONSTRUCTION_LOSSES, Autoencoder, build_autoencoder
 from caloman.models.base import ShowerModel, Stage
+from caloman.models.config import ModelConfig
 from caloman.models.flows import HYPERNETS, ConditionalFlow
 from caloman.models.layer_energy import LOGIT_BOUND, LayerEnergyModel
 from caloman.preprocessing import (
@@ -79,7 +79,7 @@ def fit_noise_quantum(counts: Tensor, mean_sums: Tensor, square_sums: Tensor, lo
 
 
 @dataclass(frozen=True)
-class CaloManConfig:
+class CaloManConfig(ModelConfig):
     """Everything that defines an (untrained) CaloMan model.
 
     Preprocessing and autoencoder:
@@ -146,6 +146,9 @@ class CaloManConfig:
     output_threshold: bool = True
     voxel_noise: str = "poisson"
 
+    label = "caloman"
+    profiles = PROFILES
+
     def __post_init__(self) -> None:
         choices = {"preprocessing": PREPROCESSINGS, "autoencoder": AUTOENCODER_KINDS,
                    "reconstruction_loss": RECONSTRUCTION_LOSSES, "encoder_input": ENCODER_INPUTS,
@@ -194,44 +197,8 @@ class CaloManConfig:
                    conditional_autoencoder=False, dequantise_empty_layers=False, output_threshold=False,
                    voxel_noise="none")
 
-    @classmethod
-    def profile(cls, name: str) -> CaloManConfig:
-        if name not in PROFILES:
-            raise ConfigError(f"unknown model profile {name!r}; choose one of {', '.join(PROFILES)}")
-        return getattr(cls, name)()
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any], base: CaloManConfig | None = None) -> CaloManConfig:
-        """``base`` (default: the defaults) with ``values`` replacing its fields; lists
-        become tuples (JSON and TOML have no tuples). Unknown keys raise ConfigError."""
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - set(fields))
-        if unknown:
-            raise ConfigError(f"unknown caloman model option(s) {', '.join(unknown)}; valid options: "
-                              f"{', '.join(fields)}")
-        converted = {}
-        for key, value in values.items():
-            default = getattr(base or cls(), key)
-            if isinstance(default, tuple):
-                if not isinstance(value, list | tuple):
-                    raise ConfigError(f"model option {key} must be a list of layer sizes, got {value!r}")
-                value = tuple(int(v) for v in value)
-            elif isinstance(default, bool):
-                if not isinstance(value, bool):
-                    raise ConfigError(f"model option {key} must be true or false, got {value!r}")
-            elif isinstance(default, int):
-                if isinstance(value, bool) or not isinstance(value, int | np.integer):
-                    raise ConfigError(f"model option {key} must be an integer, got {value!r}")
-                value = int(value)
-            elif isinstance(default, float):
-                if isinstance(value, bool) or not isinstance(value, int | float | np.number):
-                    raise ConfigError(f"model option {key} must be a number, got {value!r}")
-                value = float(value)
-            converted[key] = value
-        return dataclasses.replace(base or cls(), **converted)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
 @dataclass
