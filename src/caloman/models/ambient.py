@@ -99,9 +99,6 @@ class AmbientFlowConfig(ModelConfig):
         return cls()
 
 
-
-
-
 class AmbientFlowModel(ShowerModel):
     """A conditional coupling flow p(voxels | E_inc) on all voxels; see the module docstring."""
 

@@ -221,9 +221,6 @@ class CaloFlowConfig(ModelConfig):
         return cls()
 
 
-
-
-
 # -- the model -----------------------------------------------------------------------------------
 class CaloFlowModel(ShowerModel):
     """CaloFlow for one binning; see the module docstring."""

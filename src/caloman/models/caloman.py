@@ -198,9 +198,6 @@ class CaloManConfig(ModelConfig):
                    voxel_noise="none")
 
 
-
-
-
 @dataclass
 class _Features:
     """Preprocessed tensors of a batch of showers (float32)."""
