@@ -409,6 +409,17 @@ def render_markdown(report: dict[str, Any]) -> str:
                      for d in devices for b in batch_sizes]
             lines.append("| " + " | ".join([m["model"]] + cells) + " |")
 
+    baseline = next((m for m in report["models"] if m["model"] == "caloman"), None)
+    if baseline is not None and len(report["models"]) > 1:
+        base = _timing_lookup(baseline["timings"])
+        lines += ["", "Ratio of each model's generation time to CaloMan's, same run:", ""]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for m in report["models"]:
+            t = _timing_lookup(m["timings"])
+            cells = [_fmt(t[(d, b)] / base[(d, b)], ".2f") if (d, b) in t and (d, b) in base else "n/a"
+                     for d in devices for b in batch_sizes]
+            lines.append("| " + " | ".join([m["model"]] + cells) + " |")
+
     lines += ["", "## Training and size", "", "| model | parameters | training wall time | peak RSS |",
               "|---|---|---|---|"]
     for m in report["models"]:
