@@ -363,3 +363,35 @@ def test_voxel_noise_has_poisson_moments():
     assert (low == 0).float().mean().item() == pytest.approx(math.exp(-0.5), abs=0.01)
     assert high.mean().item() == pytest.approx(100.0, rel=0.01) and high.var().item() == pytest.approx(200, rel=0.05)
     assert torch.equal(noisy[:, 6:], showers[:, 6:])
+
+
+def test_fit_occupancy_quanta_inverts_the_poisson_occupancy():
+    from caloman.models.caloman import fit_occupancy_quanta
+
+    n_bins = 6
+    counts = torch.tensor([0.0, 1000, 1000, 50, 1000, 1000], dtype=torch.float64)
+    means = torch.tensor([0.0, 0.5, 2.0, 3.0, 8.0, 30.0], dtype=torch.float64)
+    # occupancy of q Poisson(m / q) with q = 2 MeV: 1 - exp(-m / 2); the last bin is always occupied
+    occupancy = 1 - torch.exp(-means / 2.0)
+    occupancy[5] = 1.0
+    q = fit_occupancy_quanta(counts, means * counts, occupancy * counts, fallback=7.0)
+    assert q.shape == (n_bins,)
+    assert torch.allclose(q[[1, 2, 4]], torch.tensor(2.0), rtol=1e-5)
+    assert q[0] == pytest.approx(2.0, rel=1e-5)  # empty bin: nearest usable one
+    assert q[3] == pytest.approx(2.0, rel=1e-5)  # too few voxels: nearest usable one
+    assert q[5] == pytest.approx(2.0, rel=1e-5)  # occupancy 1 carries no information
+    none_usable = fit_occupancy_quanta(torch.zeros(n_bins), torch.zeros(n_bins), torch.zeros(n_bins), fallback=7.0)
+    assert torch.all(none_usable == 7.0)
+
+
+def test_poisson_noise_uses_the_quanta_table_when_fitted():
+    torch.manual_seed(0)
+    model = build_model("caloman", "ds1-photons", profile="quick")
+    n_voxels = model.n_voxels
+    showers = torch.full((4000, n_voxels), 0.5)
+    model.voxel_quanta.fill_(2.0)
+    per_layer = (model._poisson(showers) > 0).double().mean().item()
+    assert per_layer == pytest.approx(1 - np.exp(-0.25), abs=0.01)
+    model.voxel_quanta_table.fill_(0.5)  # a finer table takes precedence
+    per_ring = (model._poisson(showers) > 0).double().mean().item()
+    assert per_ring == pytest.approx(1 - np.exp(-1.0), abs=0.01)

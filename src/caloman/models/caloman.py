@@ -78,6 +78,36 @@ def fit_noise_quantum(counts: Tensor, mean_sums: Tensor, square_sums: Tensor, lo
     return float((square_sums[use] / mean_sums[use]).min())
 
 
+def fit_occupancy_quanta(counts: Tensor, mean_sums: Tensor, occupied: Tensor, fallback: float, *,
+                         min_count: int = 200, occupancy_range: tuple[float, float] = (0.02, 0.98),
+                         min_quantum: float = 0.0) -> Tensor:
+    """Quantum q (MeV) per bin of reconstructed voxel energy for one group of voxels (a ring
+    of a layer) such that q Poisson(x / q) is above zero as often as the training voxels
+    were above the readout threshold: 1 - exp(-m_b / q) = p_b, so q_b = -m_b / ln(1 - p_b).
+
+    ``counts``, ``mean_sums`` and ``occupied`` are per-bin sums (n_bins,) of voxels, their
+    reconstructed energies and how many were above threshold. Bins with fewer than
+    ``min_count`` voxels or an occupancy outside ``occupancy_range`` take the value of the
+    nearest usable bin; with no usable bin every bin gets ``fallback`` (the layer's q).
+    Solutions below ``min_quantum`` are unusable too: with q under the readout threshold one
+    quantum no longer crosses it and the relation above does not hold.
+    Returns (n_bins,) float32.
+    """
+    n_bins = counts.shape[0]
+    means = mean_sums / counts.clamp_min(1)
+    occupancy = occupied / counts.clamp_min(1)
+    use = ((counts >= min_count) & (occupancy > occupancy_range[0]) & (occupancy < occupancy_range[1])
+           & (means > 0))
+    quanta = -means / torch.log1p(-occupancy.clamp(max=1 - 1e-12))
+    use &= quanta >= min_quantum
+    if not bool(use.any()):
+        return torch.full((n_bins,), float(fallback), dtype=torch.float32)
+    usable = torch.nonzero(use).flatten()
+    quanta = quanta[usable]
+    nearest = (torch.arange(n_bins)[:, None] - usable[None, :]).abs().argmin(dim=1)
+    return quanta[nearest].to(torch.float32)
+
+
 @dataclass(frozen=True)
 class CaloManConfig(ModelConfig):
     """Everything that defines an (untrained) CaloMan model.
@@ -248,6 +278,14 @@ class CaloManModel(ShowerModel):
         self.register_buffer("voxel_quanta", torch.zeros(n_layers))
         self.register_buffer("voxel_layer_index", torch.as_tensor(np.repeat(np.arange(n_layers), layer_sizes)),
                              persistent=False)
+        # Finer quanta per (layer, ring of equal radius, reconstructed-energy bin), fitted to the
+        # occupancy of the training voxels; all zero means "use voxel_quanta".
+        rings = np.concatenate([np.unique(binning.voxel_r[binning.layer_slice(layer)], return_inverse=True)[1]
+                                for layer in binning.relevant_layers])
+        self.n_rings = int(rings.max()) + 1
+        self.register_buffer("voxel_group_index", self.voxel_layer_index * self.n_rings + torch.as_tensor(rings),
+                             persistent=False)
+        self.register_buffer("voxel_quanta_table", torch.zeros(n_layers * self.n_rings, len(_QUANTA_BIN_EDGES) + 1))
 
     # -- configuration ---------------------------------------------------------------------
     def config_dict(self) -> dict[str, Any]:
@@ -339,7 +377,9 @@ class CaloManModel(ShowerModel):
             self.latent_mean.copy_(codes.mean(0))
             self.latent_std.copy_(codes.std(0).clamp_min(1e-6))
             if self.config.voxel_noise == "poisson":
-                self.voxel_quanta.copy_(self._fit_voxel_quanta(incident_energies, showers))
+                layer_quanta, table = self._fit_voxel_quanta(incident_energies, showers)
+                self.voxel_quanta.copy_(layer_quanta)
+                self.voxel_quanta_table.copy_(table)
             self.latent_fitted.fill_(True)
         return (codes - self.latent_mean) / self.latent_std, condition
 
@@ -349,22 +389,42 @@ class CaloManModel(ShowerModel):
             codes = codes + self.config.latent_noise * torch.randn_like(codes)
         return -self.latent_flow.log_prob(codes, condition).mean()
 
-    def _fit_voxel_quanta(self, incident_energies: Tensor, showers: Tensor) -> Tensor:
-        """Per-layer energy quantum q (MeV) of the voxel noise from the autoencoder's residuals,
-        binned in reconstructed voxel energy (see :func:`fit_noise_quantum`)."""
+    def _fit_voxel_quanta(self, incident_energies: Tensor, showers: Tensor) -> tuple[Tensor, Tensor]:
+        """Energy quanta (MeV) of the voxel noise from the autoencoder's reconstructions of
+        training showers, binned in reconstructed voxel energy.
+
+        Returns the per-layer quanta (n_layers,) (:func:`fit_noise_quantum`, from the
+        residual variance) and the table (n_layers * n_rings, n_bins) of per-ring quanta
+        matched to the training occupancy (:func:`fit_occupancy_quanta`). One quantum per
+        layer populated the outer voxels of the presampler and strips too often (their
+        sparsity was the worst-modelled feature); the table fixes that. Bins whose
+        occupancy-matched quantum would fall below the readout threshold (where the inversion
+        does not hold) take the nearest valid bin of their ring, or the layer's quantum.
+        """
         edges = _QUANTA_BIN_EDGES.to(showers.device)
         n_bins = len(edges) + 1
-        sums = torch.zeros(3, self.n_layers * n_bins, dtype=torch.float64, device=showers.device)
+        n_groups = self.n_layers * self.n_rings
+        sums = torch.zeros(4, n_groups * n_bins, dtype=torch.float64, device=showers.device)
         for i in range(0, len(showers), _CHUNK):
             e, x = incident_energies[i:i + _CHUNK], showers[i:i + _CHUNK]
             mean = self._reconstruct(e, x, postprocess=False).double()
-            residual = self._clean(x.double()) - mean
-            cell = (self.voxel_layer_index * n_bins + torch.bucketize(mean.clamp_min(1e-30).log10(), edges)).flatten()
-            for row, values in enumerate((torch.ones_like(mean), mean, residual.square())):
+            clean = self._clean(x.double())
+            cell = (self.voxel_group_index * n_bins + torch.bucketize(mean.clamp_min(1e-30).log10(), edges)).flatten()
+            for row, values in enumerate((torch.ones_like(mean), mean, (clean - mean).square(),
+                                          (clean > 0).double())):
                 sums[row].index_add_(0, cell, values.flatten())
-        counts, means, squares = sums.reshape(3, self.n_layers, n_bins).cpu()
-        return torch.tensor([fit_noise_quantum(counts[layer], means[layer], squares[layer], 0.5 * self.threshold)
-                             for layer in range(self.n_layers)], dtype=torch.float32)
+        sums = sums.reshape(4, self.n_layers, self.n_rings, n_bins).cpu()
+        counts, means, squares, occupied = sums.sum(dim=2)  # per layer
+        layer_quanta = torch.tensor([fit_noise_quantum(counts[layer], means[layer], squares[layer],
+                                                       0.5 * self.threshold) for layer in range(self.n_layers)],
+                                    dtype=torch.float32)
+        table = layer_quanta[:, None, None].expand(self.n_layers, self.n_rings, n_bins).clone()
+        for layer in range(self.n_layers):
+            for ring in range(self.n_rings):
+                table[layer, ring] = fit_occupancy_quanta(sums[0, layer, ring], sums[1, layer, ring],
+                                                          sums[3, layer, ring], float(layer_quanta[layer]),
+                                                          min_quantum=self.threshold)
+        return layer_quanta, table.reshape(self.n_layers * self.n_rings, n_bins)
 
     # -- generation ----------------------------------------------------------------------
     def sample(self, incident_energies: Tensor) -> Tensor:
@@ -402,11 +462,17 @@ class CaloManModel(ShowerModel):
         return showers * pipeline.layers.to_voxels(factor)
 
     def _poisson(self, showers: Tensor) -> Tensor:
-        """Each voxel x drawn as q Poisson(x / q), q its layer's quantum (a layer with q = 0 is kept).
+        """Each voxel x drawn as q Poisson(x / q), q from its (layer, ring, energy) entry of
+        ``voxel_quanta_table`` (or its layer's quantum for a model without the table; q = 0 keeps x).
 
         Exact Poisson draws cost ~45 ns each (half the batch-10,000 budget), so rates from
         ``_EXACT_POISSON_BELOW`` up use the rounded normal approximation (skewness < 0.32)."""
-        quanta = self.voxel_quanta.to(showers.dtype)[self.voxel_layer_index]
+        if bool((self.voxel_quanta_table > 0).any()):
+            edges = _QUANTA_BIN_EDGES.to(showers.device, showers.dtype)
+            bins = torch.bucketize(showers.clamp_min(1e-30).log10(), edges)
+            quanta = self.voxel_quanta_table.to(showers.dtype)[self.voxel_group_index.expand_as(bins), bins]
+        else:
+            quanta = self.voxel_quanta.to(showers.dtype)[self.voxel_layer_index]
         rate = showers / quanta.clamp_min(1e-12)
         counts = (rate + rate.sqrt() * torch.randn_like(rate)).round().clamp_min(0)
         small = rate < _EXACT_POISSON_BELOW
