@@ -375,6 +375,17 @@ def _timing_lookup(timings: list[dict[str, Any]]) -> dict[tuple[str, int], float
     return {(t["device"], t["batch_size"]): t["ms_per_shower"] for t in timings}
 
 
+def _ratio_table(models: list[dict[str, Any]], base: dict[tuple[str, int], float], header: list[str],
+                 keys: list[tuple[str, int]]) -> list[str]:
+    """Markdown rows: each model's time per shower divided by ``base``'s, per (device, batch size)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for m in models:
+        t = _timing_lookup(m["timings"])
+        cells = [_fmt(t[k] / base[k], ".2f") if k in t and k in base else "n/a" for k in keys]
+        lines.append("| " + " | ".join([m["model"]] + cells) + " |")
+    return lines
+
+
 def _fmt(value: float | None, fmt: str = ".4f") -> str:
     return "n/a" if value is None or (isinstance(value, float) and not np.isfinite(value)) else format(value, fmt)
 
@@ -400,25 +411,14 @@ def render_markdown(report: dict[str, Any]) -> str:
         rows.append(("reference sampler (authors' architecture, random weights)", ref))
     for name, table in rows:
         lines.append("| " + " | ".join([name] + [_fmt(table.get((d, b))) for d in devices for b in batch_sizes]) + " |")
+    keys = [(d, b) for d in devices for b in batch_sizes]
     if ref:
         lines += ["", "Ratio to the reference sampler measured in the same run (below 1 = faster):", ""]
-        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for m in report["models"]:
-            t = _timing_lookup(m["timings"])
-            cells = [_fmt(t[(d, b)] / ref[(d, b)], ".2f") if (d, b) in t and (d, b) in ref else "n/a"
-                     for d in devices for b in batch_sizes]
-            lines.append("| " + " | ".join([m["model"]] + cells) + " |")
-
+        lines += _ratio_table(report["models"], ref, header, keys)
     baseline = next((m for m in report["models"] if m["model"] == "caloman"), None)
     if baseline is not None and len(report["models"]) > 1:
-        base = _timing_lookup(baseline["timings"])
         lines += ["", "Ratio of each model's generation time to CaloMan's, same run:", ""]
-        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for m in report["models"]:
-            t = _timing_lookup(m["timings"])
-            cells = [_fmt(t[(d, b)] / base[(d, b)], ".2f") if (d, b) in t and (d, b) in base else "n/a"
-                     for d in devices for b in batch_sizes]
-            lines.append("| " + " | ".join([m["model"]] + cells) + " |")
+        lines += _ratio_table(report["models"], _timing_lookup(baseline["timings"]), header, keys)
 
     lines += ["", "## Training and size", "", "| model | parameters | training wall time | peak RSS |",
               "|---|---|---|---|"]
