@@ -4,6 +4,7 @@ the CaloChallenge metrics; writes metrics.json, summary.md and plots."""
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 from caloman.errors import ConfigError
@@ -49,6 +50,14 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {args.out} is an existing file; give a folder name")
     config = EvaluationConfig(classifier=args.classifier, seed=args.seed, max_showers=args.max_showers,
                               fpd_kpd=not args.no_distances, prdc=not args.no_distances, plots=not args.no_plots)
+    if args.classifier == "full":
+        import torch  # noqa: PLC0415
+
+        if not torch.cuda.is_available():
+            logging.getLogger("caloman.cli.evaluate").warning(
+                "warning: the full classifier protocol (3 x 2048 network, up to 50 epochs per test) takes hours "
+                "on a CPU (about 13 min per epoch for dataset-1 photons on two cores); use --classifier quick "
+                "for a first look")
     metrics = evaluate_files(args.generated, args.reference, args.binning, args.out, config)
     separation = metrics["separation_power"]
     worst = max(separation, key=separation.get) if separation else None
