@@ -173,7 +173,7 @@ def render_report(out_dir: Path, record: dict[str, Any], metrics: dict[str, Any]
         *[f"| {k} | {v:.1f} |" for k, v in record["wall_seconds"].items()], "",
         f"Simulator: {record['simulator_ms_per_shower']:.3f} ms per shower. "
         if record["simulator_ms_per_shower"] is not None and np.isfinite(record["simulator_ms_per_shower"]) else "",
-        "## Intrinsic dimension", "",
+        "", "## Intrinsic dimension", "",
         f"Levina-Bickel (MacKay-Ghahramani) estimate on {dim.n_points[dim.default_label()]:,} distinct showers; "
         "latent dimension used: "
         f"**{record['latent_dim']}** (d at k = 10).", "",
