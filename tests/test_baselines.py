@@ -107,14 +107,21 @@ def test_tiny_training_run_saves_loads_and_reproduces_samples(kind, showers, tmp
 def test_registry_profiles_and_config_round_trip():
     assert set(KINDS) <= set(MODEL_KINDS)
     for kind, config_class in (("caloflow", CaloFlowConfig), ("ambient-flow", AmbientFlowConfig)):
-        for profile in ("quick", "full"):
+        for profile in ("quick", "full", "paper"):
+            config = config_class.profile(profile)
+            again = model_config_from_dict(kind, json.loads(json.dumps(config.to_dict())))
+            assert again == config
+        for profile in ("quick", "full"):  # the paper-sized networks are too big to build in a unit test
             model = build_model(kind, BINNING, profile=profile)
             assert model.config == config_class.profile(profile) and model.kind == kind
-            again = model_config_from_dict(kind, json.loads(json.dumps(model.config_dict())))
-            assert again == model.config
-    full = build_model("caloflow", BINNING, profile="full").config
-    assert (full.shape_flow_transforms, full.shape_flow_hidden, full.shape_flow_bins) == (8, (378, 378), 8)
-    assert (full.layer_flow_transforms, full.layer_flow_hidden) == (6, (64, 64, 64))
+    paper = CaloFlowConfig.profile("paper")
+    assert (paper.shape_flow_transforms, paper.shape_flow_hidden, paper.shape_flow_bins) == (8, (378, 378), 8)
+    assert (paper.layer_flow_transforms, paper.layer_flow_hidden) == (6, (64, 64, 64))
+    ambient = AmbientFlowConfig.profile("paper")
+    assert (ambient.transforms, ambient.hidden) == (12, (512, 512))
+    full = CaloFlowConfig.profile("full")
+    assert (full.shape_flow_transforms, full.shape_flow_hidden) == (4, (128, 128))
+    assert full.layer_flow_hidden == paper.layer_flow_hidden
 
 
 @pytest.mark.parametrize("kind, overrides, match", [
