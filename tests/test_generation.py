@@ -249,3 +249,25 @@ def test_cli_train_latent_dim_from_dimension_json(tmp_path):
     assert config["model"]["config"]["latent_dim"] == 4  # d at k = 10, rounded
     assert main(["-q", "train", str(tmp_path / "train.h5"), "--binning", "ds1-photons", "--out",
                  str(tmp_path / "run2"), "--latent-dim-from", str(tmp_path / "absent.json")]) == 2
+
+
+def test_cli_train_model_profile_sets_the_size_apart_from_the_budget(tmp_path):
+    """`--model-profile paper` builds the kind's paper configuration under the quick training budget;
+    an unknown model profile is a usage error that writes nothing."""
+    rng = np.random.default_rng(2)
+    n = 120
+    e = np.exp(rng.uniform(np.log(256), np.log(4e6), n))
+    x = (rng.gamma(0.3, 1.0, (n, 368)) * (0.01 * e[:, None])).astype(np.float32)
+    write_showers(tmp_path / "train.h5", e, x, binning="ds1-photons")
+    (tmp_path / "cfg.toml").write_text(
+        "[model]\nhidden = [16]\nflow_hidden = [8]\nlayer_flow_hidden = [8]\nlatent_dim = 3\n"
+        "[training]\nepochs = 1\nbatch_size = 64\nnum_threads = 1\n")
+    base = ["-q", "train", str(tmp_path / "train.h5"), "--binning", "ds1-photons", "--model", "caloman"]
+    run = tmp_path / "run"
+    assert main(base + ["--out", str(run), "--config", str(tmp_path / "cfg.toml"), "--model-profile", "paper"]) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["config"]["preprocessing"] == "paper"  # the paper profile's, not quick's
+    assert config["training"]["epochs"] == 1 and config["training"]["max_showers"] == 20_000  # quick budget
+    assert main(base + ["--out", str(run), "--resume", "--model-profile", "quick"]) == 2  # stored settings only
+    assert main(base + ["--out", str(tmp_path / "run2"), "--model-profile", "huge"]) == 2
+    assert not (tmp_path / "run2").exists()

@@ -60,7 +60,8 @@ class BenchmarkConfig:
 
     Attributes:
         profile: "quick" (small data and models, minutes) or "full" (100,000
-            training showers, paper-sized models).
+            training showers, each model's ``full`` size: CaloMan's paper-sized
+            networks, the baselines sized for a 2-core CPU).
         models: model kinds to train (or load) and compare.
         binning: the binning of the built-in data (dataset-1 photons by default).
         batch_sizes: generation batch sizes timed.

@@ -50,7 +50,7 @@ REPORT_FILE = "report.md"
 @dataclass(frozen=True)
 class DemoConfig:
     """Settings of the main job. ``profile`` "quick" runs in minutes on two
-    cores; "full" uses 100,000 training showers and paper-sized models."""
+    cores; "full" uses 100,000 training showers and CaloMan's paper-sized networks."""
 
     profile: str = "quick"
     seed: int = 0

@@ -293,13 +293,16 @@ def _check_weights_fit(model: ShowerModel, weights: dict[str, torch.Tensor], sou
 
 def train_run(data_file: str | Path, binning: Binning | str | Path, run_dir: str | Path, *,
               model_kind: str = "caloman", profile: str = "quick", training: TrainingConfig | None = None,
-              model_overrides: dict[str, Any] | None = None, command_line: list[str] | None = None,
+              model_overrides: dict[str, Any] | None = None, model_profile: str | None = None,
+              command_line: list[str] | None = None,
               builder: Callable[..., ShowerModel] | None = None) -> LoadedRun:
     """Train a new model on a CaloChallenge file into ``run_dir`` and return it loaded.
 
     The one place a fresh run is built, trained and saved (used by ``caloman
     train``, ``caloman demo`` and ``caloman benchmark``). ``training`` defaults
     to the profile's :class:`TrainingConfig`; the initial weights follow its seed.
+    The model is the kind's ``model_profile`` configuration (default: ``profile``, e.g. a
+    full training of CaloFlow's ``paper``-sized networks) with ``model_overrides``.
     ``builder`` replaces :func:`caloman.models.build_model` (same signature).
     """
     from caloman.io import load_showers
@@ -313,7 +316,8 @@ def train_run(data_file: str | Path, binning: Binning | str | Path, run_dir: str
     binning = load_binning(binning)
     training = training if training is not None else TrainingConfig.profile(profile)
     seed_everything(training.seed)  # initial weights follow the seed too
-    model = (builder or build_model)(model_kind, binning, profile=profile, overrides=model_overrides or None)
+    model = (builder or build_model)(model_kind, binning, profile=model_profile or profile,
+                                     overrides=model_overrides or None)
     incident_energies, showers = load_showers(data_file, binning, max_showers=training.max_showers)
     run_config = make_run_config(model, binning, training, data_path=data_file, n_showers=len(incident_energies),
                                  command_line=command_line)

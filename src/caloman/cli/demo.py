@@ -15,7 +15,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "the simulated data and a finished run.")
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
     parser.add_argument("--profile", choices=("quick", "full"), default="quick",
-                        help="quick: minutes on 2 cores (default); full: 100,000 showers, paper-sized models")
+                        help="quick: minutes on 2 cores (default); full: 100,000 showers, CaloMan's paper-sized "
+                             "networks")
     parser.add_argument("--seed", type=int, default=0, help="seed of data, training and generation (default 0)")
     parser.add_argument("--classifier", choices=("quick", "full", "none"), default="quick",
                         help="classifier test setting (default quick; full is the challenge protocol, hours on CPU)")

@@ -36,7 +36,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--model", default=None, help=f"model kind (default {DEFAULT_MODEL})")
     parser.add_argument("--out", required=True, type=Path, metavar="RUN", help="run directory to create")
     parser.add_argument("--profile", choices=PROFILES, default=None,
-                        help="quick (default: minutes on a CPU) or full (the paper's budget)")
+                        help="training budget and model size: quick (default; minutes on a CPU) or full (all "
+                             "showers, 40 epochs per stage)")
+    parser.add_argument("--model-profile", metavar="NAME", default=None,
+                        help="model size of its own: quick, full, or a kind's extra one such as paper (the "
+                             "published sizes); default: --profile")
     parser.add_argument("--config", type=Path, metavar="CFG.toml",
                         help="TOML file with [model], [training] and [data] settings")
     parser.add_argument("--resume", action="store_true",
@@ -62,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
     out: Path = args.out
     if args.resume:
         run_config = read_run_config(out)
-        changed = [opt for opt, value in (("--profile", args.profile), ("--config", args.config),
+        changed = [opt for opt, value in (("--profile", args.profile), ("--model-profile", args.model_profile),
+                                          ("--config", args.config),
                                           ("--seed", args.seed), ("--max-showers", args.max_showers),
                                           ("--latent-dim", args.latent_dim),
                                           ("--latent-dim-from", args.latent_dim_from)) if value is not None]
@@ -98,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         logger.info("training %s on %s (%s) into %s", kind, args.file, args.binning, out)
         loaded = train_run(args.file, args.binning, out, model_kind=kind, profile=profile,
                            training=file_config.training_config(profile, **cli), model_overrides=model_overrides,
-                           builder=build_model)
+                           model_profile=args.model_profile, builder=build_model)
         for line in loaded.history.summary_lines():
             logger.info("%s", line)
         logger.info("run saved in %s", out)
