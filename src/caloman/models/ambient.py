@@ -111,11 +111,7 @@ class AmbientFlowModel(ShowerModel):
     kind = "ambient-flow"
 
     def __init__(self, config: AmbientFlowConfig, binning: Binning) -> None:
-        super().__init__()
-        self.config = config
-        self.binning = binning
-        self.n_voxels = binning.n_voxels
-        self.threshold = float(binning.readout_threshold)
+        super().__init__(config, binning)
         self.noise_mev = noise_level_mev(config.noise_kev, self.threshold) if config.noise else 0.0
         self.flow = ConditionalFlow(self.n_voxels, 1, config.transforms, config.hidden, config.bins,
                                     bound=config.bound)
@@ -125,9 +121,6 @@ class AmbientFlowModel(ShowerModel):
         # Largest log(x / E_inc) of each voxel in training: generated voxels are capped there, so a
         # sample in the flow's far tail cannot become a voxel brighter than any seen in training.
         self.register_buffer("log_ratio_max", torch.zeros(self.n_voxels, dtype=torch.float64))
-
-    def config_dict(self) -> dict[str, Any]:
-        return self.config.to_dict()
 
     # -- preprocessing ---------------------------------------------------------------------
     def _clean(self, showers: Any) -> Any:

@@ -49,14 +49,21 @@ class ShowerModel(nn.Module, ABC):
     """Base class of generative shower models.
 
     Subclasses set ``kind`` (the ``--model`` name), take one frozen config
-    dataclass (JSON-serialisable through ``dataclasses.asdict``) and the
-    binning's voxel count, and implement the methods below.
+    dataclass (with ``to_dict()``, as :class:`caloman.models.config.ModelConfig`
+    gives) and a binning, pass both to ``super().__init__``, and implement the
+    methods below. The base keeps ``config``, ``binning``, ``n_voxels`` and the
+    binning's readout ``threshold`` (MeV).
     """
 
     kind: ClassVar[str]
 
-    def __init__(self) -> None:
+    def __init__(self, config: Any = None, binning: Any = None) -> None:
         super().__init__()
+        self.config = config
+        if binning is not None:
+            self.binning = binning
+            self.n_voxels = binning.n_voxels
+            self.threshold = float(binning.readout_threshold)
         # Trained incident-energy range in MeV; generation refuses energies outside it.
         self.register_buffer("energy_range", torch.tensor([0.0, 0.0], dtype=torch.float64))
 
@@ -76,7 +83,9 @@ class ShowerModel(nn.Module, ABC):
 
     def config_dict(self) -> dict[str, Any]:
         """JSON-able configuration sufficient to rebuild an untrained twin."""
-        raise NotImplementedError
+        if self.config is None:
+            raise NotImplementedError(f"{type(self).__name__} has no config: override config_dict")
+        return self.config.to_dict()
 
     def trained_energy_range(self) -> tuple[float, float]:
         low, high = (float(v) for v in self.energy_range)

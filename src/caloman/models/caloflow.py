@@ -235,11 +235,7 @@ class CaloFlowModel(ShowerModel):
     kind = "caloflow"
 
     def __init__(self, config: CaloFlowConfig, binning: Binning) -> None:
-        super().__init__()
-        self.config = config
-        self.binning = binning
-        self.n_voxels = binning.n_voxels
-        self.threshold = float(binning.readout_threshold)
+        super().__init__(config, binning)
         self.noise_mev = noise_level_mev(config.noise_kev, self.threshold) if config.noise else 0.0
         self.layers = LayerNormalisation(binning)
         self.n_layers = self.layers.n_layers
@@ -250,9 +246,6 @@ class CaloFlowModel(ShowerModel):
                                           coupling=False)
         # s of the u-variables (u_0 = E_dep / (s E_inc)), fitted on the training showers.
         self.register_buffer("energy_u0_scale", torch.tensor(1.0, dtype=torch.float64))
-
-    def config_dict(self) -> dict[str, Any]:
-        return self.config.to_dict()
 
     # -- preprocessing ---------------------------------------------------------------------
     def _clean(self, showers: Any) -> Any:

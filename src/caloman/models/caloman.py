@@ -244,11 +244,7 @@ class CaloManModel(ShowerModel):
     kind = "caloman"
 
     def __init__(self, config: CaloManConfig, binning: Binning) -> None:
-        super().__init__()
-        self.config = config
-        self.binning = binning
-        self.n_voxels = binning.n_voxels
-        self.threshold = float(binning.readout_threshold)
+        super().__init__(config, binning)
         self.per_layer = config.preprocessing == "per-layer"
         pipeline = make_preprocessing(config.preprocessing, binning)
         self._pipeline_template = pipeline
@@ -288,9 +284,6 @@ class CaloManModel(ShowerModel):
         self.register_buffer("voxel_quanta_table", torch.zeros(n_layers * self.n_rings, len(_QUANTA_BIN_EDGES) + 1))
 
     # -- configuration ---------------------------------------------------------------------
-    def config_dict(self) -> dict[str, Any]:
-        return self.config.to_dict()
-
     # -- preprocessing -------------------------------------------------------------------
     def _pipeline(self) -> PaperPreprocessing | PerLayerPreprocessing:
         """The preprocessing with its constants taken from the buffers (torch path)."""
