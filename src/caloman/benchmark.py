@@ -259,7 +259,7 @@ def run_benchmark(out_dir: str | Path, config: BenchmarkConfig, *, run_dirs: dic
                   train_file: Path | None = None, reference_file: Path | None = None) -> dict[str, Any]:
     """Train (or load) each model, time it, evaluate it; write ``benchmark.json``
     and ``benchmark.md`` into ``out_dir`` and return the results."""
-    from caloman.evaluation import EvaluationConfig, evaluate_arrays
+    from caloman.evaluation import EvaluationConfig, evaluate_arrays, to_jsonable
     from caloman.generation import generate
     from caloman.runs import load_run, train_run
     from caloman.training import TrainingConfig
@@ -333,7 +333,7 @@ def run_benchmark(out_dir: str | Path, config: BenchmarkConfig, *, run_dirs: dic
         "seconds": (datetime.now(UTC) - started).total_seconds(),
     }
     with atomic_path(out_dir / BENCHMARK_JSON) as tmp:
-        tmp.write_text(json.dumps(_jsonable(report), indent=1))
+        tmp.write_text(json.dumps(to_jsonable(report), indent=1))
     with atomic_path(out_dir / BENCHMARK_MD) as tmp:
         tmp.write_text(render_markdown(report))
     return report
@@ -353,20 +353,6 @@ def machine_info() -> dict[str, Any]:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    return value
 
 
 # ---------------------------------------------------------------------------

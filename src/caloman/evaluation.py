@@ -53,7 +53,8 @@ from caloman.metrics import ClassifierResult, FeatureHistogram
 from caloman.metrics.separation import VoxelEnergyHistogram, feature_histograms
 from caloman.progress import ProgressBar
 
-__all__ = ["CLASSIFIER_KINDS", "EvaluationConfig", "evaluate_arrays", "evaluate_files", "render_summary"]
+__all__ = ["CLASSIFIER_KINDS", "EvaluationConfig", "evaluate_arrays", "evaluate_files", "render_summary",
+           "to_jsonable"]
 
 logger = logging.getLogger("caloman")
 
@@ -416,7 +417,7 @@ def _evaluate(samples: dict[str, _Sample], binning: Binning, out_dir: Path, conf
 
     timings["total"] = round(time.perf_counter() - start_all, 4)
     metrics["timings"] = timings
-    metrics = _jsonable(metrics)
+    metrics = to_jsonable(metrics)
     with atomic_path(out_dir / METRICS_FILE, suffix=".json.tmp") as tmp:
         tmp.write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
     with atomic_path(out_dir / SUMMARY_FILE, suffix=".md.tmp") as tmp:
@@ -471,16 +472,16 @@ def _versions() -> dict[str, str | None]:
     return versions
 
 
-def _jsonable(value: Any) -> Any:
+def to_jsonable(value: Any) -> Any:
     """Plain JSON types; non-finite floats become null (JSON has no NaN)."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): to_jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
+        return [to_jsonable(v) for v in value]
     if isinstance(value, Path):
         return str(value)
     if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
+        return to_jsonable(value.tolist())
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
