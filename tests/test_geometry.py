@@ -1,8 +1,14 @@
 import numpy as np
 import pytest
 
-from caloman.errors import BinningError
-from caloman.geometry import BUILTIN_BINNINGS, alpha_centres, load_binning
+from caloman.errors import BinningError, VoxelCountError
+from caloman.geometry import (
+    BUILTIN_BINNINGS,
+    alpha_centres,
+    binning_for_voxel_count,
+    builtin_voxel_counts,
+    load_binning,
+)
 
 # Voxel counts per relevant layer, from the CaloChallenge description.
 EXPECTED = {
@@ -88,3 +94,14 @@ def test_bad_binning_files(tmp_path, text, match):
 def test_unknown_name():
     with pytest.raises(BinningError, match="ds1-photons"):
         load_binning("ds9")
+
+
+def test_binning_for_voxel_count_names_the_shipped_binnings():
+    assert builtin_voxel_counts() == {368: ("ds1-photons",), 533: ("ds1-pions",), 6480: ("ds2",), 40500: ("ds3",)}
+    for name in BUILTIN_BINNINGS:
+        assert binning_for_voxel_count(load_binning(name).n_voxels) == name
+    with pytest.raises(VoxelCountError) as exc:
+        binning_for_voxel_count(14)
+    message = str(exc.value)
+    assert "14 voxels matches no shipped binning" in message
+    assert "368 (ds1-photons), 533 (ds1-pions), 6480 (ds2), 40500 (ds3)" in message

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from caloman.errors import InvalidEnergyError, ShowerFileError, VoxelCountError
-from caloman.io import ShowerFile, ShowerWriter, load_showers, write_showers
+from caloman.io import ShowerFile, ShowerWriter, load_showers, read_voxel_count, write_showers
 
 
 def _data(n=10, v=368, seed=0):
@@ -120,3 +120,55 @@ def test_written_files_have_normal_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (p.stat().st_mode & 0o777) == (0o666 & ~umask)
+
+
+# -- messages show plain numbers, never numpy reprs such as np.float32(-4.0) ------------
+@pytest.mark.parametrize(("bad", "shown"), [(np.nan, "(nan MeV in voxel 2)"), (np.inf, "(inf MeV in voxel 2)"),
+                                            (-np.inf, "(-inf MeV in voxel 2)"), (-4.0, "(-4 MeV in voxel 2)"),
+                                            (-0.25, "(-0.25 MeV in voxel 2)")])
+def test_bad_voxel_messages_show_plain_numbers(tmp_path, bad, shown):
+    inc, sh = _data()
+    sh[7, 2] = bad  # float32, as read from a file
+    p = tmp_path / "v.h5"
+    _raw(p, inc[:, None], sh)
+    with pytest.raises(InvalidEnergyError) as exc:
+        ShowerFile(p)
+    assert "np." not in str(exc.value) and "shower 7" in str(exc.value) and shown in str(exc.value)
+    with pytest.raises(InvalidEnergyError) as exc:  # the writer's check says the same
+        write_showers(tmp_path / "w.h5", inc, sh)
+    assert "np." not in str(exc.value) and shown in str(exc.value)
+
+
+@pytest.mark.parametrize(("bad", "shown"), [(0.0, "is 0 MeV"), (-5.0, "is -5 MeV"), (np.nan, "is nan MeV"),
+                                            (np.inf, "is inf MeV"), (-1e-3, "is -0.001 MeV")])
+def test_bad_incident_energy_messages_show_plain_numbers(tmp_path, bad, shown):
+    inc, sh = _data()
+    inc[4] = bad
+    p = tmp_path / "e.h5"
+    _raw(p, inc[:, None].astype(np.float32), sh)
+    with pytest.raises(InvalidEnergyError) as exc:
+        ShowerFile(p)
+    assert "np." not in str(exc.value) and f"shower 4 {shown};" in str(exc.value)
+
+
+@pytest.mark.parametrize(("bad", "shown"), [(0.0, "is 0 MeV"), (-4.0, "is -4 MeV"), (np.nan, "is nan MeV")])
+def test_simulator_energy_message_shows_plain_numbers(bad, shown):
+    from caloman.simulation.simulator import _check_energies
+
+    energies = np.array([1e3, 2e3, bad], dtype=np.float32)
+    with pytest.raises(InvalidEnergyError) as exc:
+        _check_energies(energies)
+    assert "np." not in str(exc.value) and f"incident energy 2 {shown};" in str(exc.value)
+
+
+def test_read_voxel_count_reads_the_shape_only(tmp_path):
+    inc, sh = _data(v=533)
+    sh[0, 0] = np.nan  # not read, so not an error here
+    p = tmp_path / "n.h5"
+    _raw(p, inc[:, None], sh)
+    assert read_voxel_count(p) == 533
+    with pytest.raises(ShowerFileError, match="no such file"):
+        read_voxel_count(tmp_path / "absent.h5")
+    _raw(tmp_path / "m.h5", inc[:, None], None)
+    with pytest.raises(ShowerFileError, match="showers"):
+        read_voxel_count(tmp_path / "m.h5")

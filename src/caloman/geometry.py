@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from caloman.errors import BinningError
+from caloman.errors import BinningError, VoxelCountError
 
 #: Short names of the binnings shipped with the package.
 BUILTIN_BINNINGS = ("ds1-photons", "ds1-pions", "ds2", "ds3")
@@ -140,6 +140,36 @@ def _midpoints(edges: tuple[float, ...] | np.ndarray) -> np.ndarray:
 
 def available_binnings() -> tuple[str, ...]:
     return BUILTIN_BINNINGS
+
+
+def builtin_voxel_counts() -> dict[int, tuple[str, ...]]:
+    """Voxel count -> names of the shipped binnings with that many voxels
+    (368 ds1-photons, 533 ds1-pions, 6480 ds2, 40500 ds3)."""
+    return dict(_builtin_voxel_counts())
+
+
+@cache
+def _builtin_voxel_counts() -> dict[int, tuple[str, ...]]:
+    counts: dict[int, tuple[str, ...]] = {}
+    for name in BUILTIN_BINNINGS:
+        n = _load_builtin(name).n_voxels
+        counts[n] = (*counts.get(n, ()), name)
+    return counts
+
+
+def binning_for_voxel_count(n_voxels: int) -> str:
+    """Name of the one shipped binning whose showers have ``n_voxels`` voxels.
+
+    Raises :class:`~caloman.errors.VoxelCountError` when no shipped binning (or
+    more than one) has that count; the message lists the known counts.
+    """
+    counts = _builtin_voxel_counts()
+    names = counts.get(int(n_voxels), ())
+    if len(names) == 1:
+        return names[0]
+    known = ", ".join(f"{n} ({' or '.join(v)})" for n, v in sorted(counts.items()))
+    what = f"names several shipped binnings ({', '.join(names)})" if names else "matches no shipped binning"
+    raise VoxelCountError(f"{int(n_voxels)} voxels {what}; known voxel counts are {known}")
 
 
 def load_binning(name_or_path: str | Path | Binning) -> Binning:

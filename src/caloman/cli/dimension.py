@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from caloman import __version__
+from caloman.cli import add_binning_argument, resolve_binning
 from caloman.dimension import DEFAULT_RECOMMEND_K, KNN_METHODS, DimensionEstimate, estimate_for_file
 from caloman.errors import ConfigError
-from caloman.geometry import BUILTIN_BINNINGS
 from caloman.io import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -58,8 +58,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description="Intrinsic-dimension curves d_k (Levina-Bickel MLE, MacKay-Ghahramani correction) of a "
                     "shower file, raw and preprocessed; writes DIR/dimension.json and DIR/dimension.png.")
     parser.add_argument("file", type=Path, metavar="FILE", help="CaloChallenge HDF5 shower file")
-    parser.add_argument("--binning", required=True,
-                        help=f"binning name ({', '.join(BUILTIN_BINNINGS)}) or XML path")
+    add_binning_argument(parser, "FILE")
     parser.add_argument("--k", default="2..50", metavar="KS",
                         help="neighbourhood sizes: range '2..50' (default) or list '2,5,10'")
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
@@ -77,12 +76,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     ks = parse_k_values(args.k)
-    estimate = estimate_for_file(args.file, args.binning, ks, max_showers=args.max_showers,
+    binning = resolve_binning(args.binning, args.file)
+    estimate = estimate_for_file(args.file, binning, ks, max_showers=args.max_showers,
                                  per_energy=args.per_energy, preprocess=args.preprocessed,
                                  seed=args.seed, method=args.method)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    config = {"file": str(args.file), "binning": args.binning, "k": args.k, "max_showers": args.max_showers,
+    config = {"file": str(args.file), "binning": binning, "k": args.k, "max_showers": args.max_showers,
               "per_energy": args.per_energy, "preprocessed": args.preprocessed, "method": args.method}
     recommended = _recommended(estimate)
     document = {"format_version": FORMAT_VERSION, **estimate.to_dict(), "recommended_latent_dim": recommended,

@@ -1,12 +1,17 @@
-"""``caloman train FILE --binning B --model M --out RUN``: train a model into a run directory."""
+"""``caloman train FILE [--binning B] --model M --out RUN``: train a model into a run directory.
+
+Left out, the binning is the shipped one named by FILE's voxel count (with
+--resume: the run's own binning)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
+from caloman.cli import add_binning_argument, resolve_binning
 from caloman.config import ConfigFile, load_config
 from caloman.errors import ConfigError
 from caloman.geometry import Binning, load_binning
@@ -32,7 +37,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description="Train a shower model stage by stage into a run directory (config.json, model.safetensors, "
                     "history.json, checkpoints/). Settings: profile < --config file < options.")
     parser.add_argument("file", type=Path, metavar="FILE", help="CaloChallenge HDF5 file with training showers")
-    parser.add_argument("--binning", required=True, help="ds1-photons, ds1-pions, ds2, ds3 or a binning XML path")
+    add_binning_argument(parser, "FILE", "; with --resume, the run's own binning")
     parser.add_argument("--model", default=None, help=f"model kind (default {DEFAULT_MODEL})")
     parser.add_argument("--out", required=True, type=Path, metavar="RUN", help="run directory to create")
     parser.add_argument("--profile", choices=PROFILES, default=None,
@@ -77,7 +82,9 @@ def run(args: argparse.Namespace) -> int:
         if args.model is not None and args.model != run_config.model_kind:
             raise ConfigError(f"{out} holds a '{run_config.model_kind}' run, not '{args.model}'")
         binning = run_config.load_binning()
-        if load_binning(args.binning).n_voxels != binning.n_voxels:
+        if args.binning is None:
+            print(f"binning: {binning.name} (stored in {out / CONFIG_FILE})", file=sys.stderr)
+        elif load_binning(args.binning).n_voxels != binning.n_voxels:
             raise ConfigError(f"{out} was trained with binning {run_config.binning_name} ({binning.n_voxels} voxels), "
                               f"not {args.binning}")
         training = run_config.training
@@ -88,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
                            "its showers are the same", args.file)
         model = default_model_factory(run_config.model_kind, run_config.model_config, binning)
     else:
+        binning_name = resolve_binning(args.binning, args.file)
         file_config = load_config(args.config) if args.config is not None else ConfigFile(source="defaults")
         cli = {k: v for k, v in (("seed", args.seed), ("max_showers", args.max_showers)) if v is not None}
         profile = args.profile or "quick"
@@ -100,8 +108,8 @@ def run(args: argparse.Namespace) -> int:
             model_overrides["latent_dim"] = DimensionEstimate.from_json(args.latent_dim_from).recommended()
             logger.info("latent dimension %d from %s", model_overrides["latent_dim"], args.latent_dim_from)
         kind = args.model or DEFAULT_MODEL
-        logger.info("training %s on %s (%s) into %s", kind, args.file, args.binning, out)
-        loaded = train_run(args.file, args.binning, out, model_kind=kind, profile=profile,
+        logger.info("training %s on %s (%s) into %s", kind, args.file, binning_name, out)
+        loaded = train_run(args.file, binning_name, out, model_kind=kind, profile=profile,
                            training=file_config.training_config(profile, **cli), model_overrides=model_overrides,
                            model_profile=args.model_profile, builder=build_model)
         for line in loaded.history.summary_lines():
