@@ -54,7 +54,7 @@ class DemoConfig:
 
     profile: str = "quick"
     seed: int = 0
-    classifier: str = "quick"
+    classifier: str = "strong"
     threads: int = 2
     dimension_showers: int = 5_000
     dimension_k: tuple[int, ...] = tuple(range(2, 51))
@@ -157,6 +157,7 @@ def _img(out_dir: Path, path: Path, alt: str) -> str:
 
 def render_report(out_dir: Path, record: dict[str, Any], metrics: dict[str, Any], loaded: Any, dim: Any) -> str:
     """The demo report as markdown (images linked relative to ``out_dir``)."""
+    from caloman.evaluation import classifier_summary_lines
     cfg = record["config"]
     plots = out_dir / "evaluation" / "plots"
     seps: dict[str, float | None] = metrics.get("separation_power", {})
@@ -185,12 +186,8 @@ def render_report(out_dir: Path, record: dict[str, Any], metrics: dict[str, Any]
         "| batch size | ms per shower |", "|---|---|",
         *[f"| {t['batch_size']:,} | {t['ms_per_shower']:.4f} |" for t in record["generation"]], "",
         "## Fidelity against held-out simulated showers", "",
-        f"Classifier setting: **{cfg['classifier']}**"
-        + (" (the small documented setting, not the challenge's full protocol)" if cfg["classifier"] == "quick"
-           else ""), "",
-        "| classifier | AUC | JSD |", "|---|---|---|",
-        *[f"| {k} | {v.get('auc', float('nan')):.3f} | {v.get('jsd', float('nan')):.3f} |" for k, v in clf.items()
-          if isinstance(v, dict) and "auc" in v], "",
+        *(classifier_summary_lines(clf) if clf else ["Classifier tests not run (setting `none`)."]), "",
+        _img(out_dir, plots / "auc_per_energy.png", "classifier AUC per incident energy") if clf else "", "",
         f"Separation power (χ², challenge binning): maximum {max(finite.values()):.4f}, median "
         f"{float(np.median(list(finite.values()))):.4f} over {len(finite)} histograms. Largest:" if finite else "",
         "", "| feature | separation power |", "|---|---|",

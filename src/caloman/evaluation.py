@@ -9,12 +9,15 @@ with the CaloChallenge's metrics computed the challenge's way.
 2. high-level features (:mod:`caloman.features`) and the chi-squared separation
    power of every feature histogram (:mod:`caloman.metrics.separation`);
 3. classifier tests on low-level, normalised low-level and high-level inputs
-   (``config.classifier``: "full" protocol, "quick" setting, or "none");
+   (``config.classifier``: "strong" boosted trees per incident energy, the
+   challenge's "full" protocol, the "quick" unit-test setting, or "none");
 4. FPD and KPD on the high-level feature vector, precision / recall / density /
    coverage on log10 voxel energies;
-5. plots (average showers, per-energy averages, feature histograms, ROC);
+5. plots (average showers, per-energy averages, feature histograms, ROC, AUC
+   against incident energy);
 
-and write ``metrics.json`` and ``summary.md`` into the output folder.
+and write ``metrics.json``, ``summary.md`` and ``plots/`` into the output folder,
+all at once at the end: a failed evaluation leaves nothing new there.
 
 Files are read in chunks: the reference twice (the voxel-energy histogram's
 edges need the reference's largest voxel, found in the first pass), the
@@ -48,19 +51,19 @@ from caloman.features import (
     incident_energy_dtype,
 )
 from caloman.geometry import Binning, load_binning
-from caloman.io import ShowerFile, atomic_path, check_voxel_energies, default_chunk_size
+from caloman.io import ShowerFile, atomic_directory, check_voxel_energies, default_chunk_size
 from caloman.metrics import ClassifierResult, FeatureHistogram
 from caloman.metrics.separation import VoxelEnergyHistogram, feature_histograms
 from caloman.progress import ProgressBar
 
-__all__ = ["CLASSIFIER_KINDS", "EvaluationConfig", "evaluate_arrays", "evaluate_files", "render_summary",
-           "to_jsonable"]
+__all__ = ["CLASSIFIER_KINDS", "EvaluationConfig", "classifier_summary_lines", "evaluate_arrays", "evaluate_files",
+           "render_summary", "to_jsonable"]
 
 logger = logging.getLogger("caloman")
 
 #: Classifier tests run, in order: voxels / E_inc, voxels / E_layer, high-level features.
 CLASSIFIER_KINDS = ("low", "low_normed", "high")
-CLASSIFIER_SETTINGS = ("full", "quick", "none")
+CLASSIFIER_SETTINGS = ("strong", "full", "quick", "none")
 
 #: FPD and KPD are quoted x 1e3, as in the challenge's tables.
 DISTANCE_SCALE = 1e3
@@ -77,10 +80,12 @@ class EvaluationConfig:
     """What to evaluate and how.
 
     Attributes:
-        classifier: "full" (the challenge's protocol: 3 x 2048 network, 50 epochs,
-            challenge splits; the default for real evaluations), "quick" (a small,
-            documented setting of the classifier module for tests and demos; never
-            compare its numbers with the challenge's), or "none".
+        classifier: "strong" (gradient-boosted trees, 3-fold, AUC per incident
+            energy, :mod:`caloman.metrics.strong`: the project's yardstick of fidelity,
+            minutes on a CPU), "full" (the challenge's protocol: 3 x 2048 network, 50
+            epochs, challenge splits; numbers comparable with published tables, hours on
+            a CPU), "quick" (a small network for unit tests only, never evidence of
+            fidelity), or "none".
         seed: seeds every random choice (sub-samples, classifier splits, FPD/KPD draws).
             42 is jetnet's default, so FPD/KPD draws are the challenge's.
         max_showers: use at most this many showers of each sample, chosen at random
@@ -292,25 +297,61 @@ def _make_samples(binning: Binning, config: EvaluationConfig, *, files: dict[str
     return samples
 
 
+class _Laps:
+    """Wall time of each named step, in seconds."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self._start = self._clock = time.perf_counter()
+
+    def __call__(self, step: str) -> None:
+        now = time.perf_counter()
+        self.timings[step] = round(now - self._clock, 4)
+        self._clock = now
+
+    def total(self) -> dict[str, float]:
+        return {**self.timings, "total": round(time.perf_counter() - self._start, 4)}
+
+
 def _evaluate(samples: dict[str, _Sample], binning: Binning, out_dir: Path, config: EvaluationConfig
               ) -> dict[str, Any]:
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"output folder {out_dir} is an existing file; give a folder name")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
-    start_all = clock
+    laps = _Laps()
+    accumulators, voxel_histogram = _read_samples(samples, binning, config, laps)
+    ref_features, gen_features = accumulators["reference"].features(), accumulators["generated"].features()
+    histograms = feature_histograms(ref_features, gen_features, binning, voxel_histogram)
+    laps("separation_power")
+    metrics = _metrics_header(samples, binning, config, histograms)
+    # Everything is written into a temporary folder that replaces out_dir's entries
+    # only at the end: invalid input or a failure on the way leaves nothing behind.
+    with atomic_directory(out_dir) as work_dir:
+        classifier_results = _classifier_tests(metrics, accumulators, binning, config, laps)
+        _physics_distances(metrics, ref_features, gen_features, config, laps)
+        _precision_recall(metrics, accumulators, config, laps)
+        if config.plots:
+            metrics["plots"] = _draw_plots(work_dir, binning, histograms, accumulators, classifier_results)
+            laps("plots")
+        metrics["timings"] = laps.total()
+        metrics = to_jsonable(metrics)
+        (work_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
+        (work_dir / SUMMARY_FILE).write_text(render_summary(metrics))
+    return metrics
 
-    def lap(step: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[step] = round(now - clock, 4)
-        clock = now
 
+def _read_samples(samples: dict[str, _Sample], binning: Binning, config: EvaluationConfig, laps: _Laps
+                  ) -> tuple[dict[str, _Accumulator], VoxelEnergyHistogram]:
+    """Stream both samples: features, sums, kept showers, sub-samples and the voxel-energy histogram.
+
+    Pass 1 over the reference: features, largest voxel, sums; the pass over the
+    generated sample fills the voxel histogram too (its edges need the
+    reference's largest voxel); pass 2 over the reference fills its voxel histogram.
+    Returns the accumulators by sample name and the voxel-energy histogram.
+    """
     keep = config.classifier != "none"
     accumulators = {}
     for name, sample in samples.items():
-        rng = np.random.default_rng([config.seed, 1])  # same rows on both sides, as above
+        rng = np.random.default_rng([config.seed, 1])  # same rows on both sides, as in _make_samples
         gather = {}
         if config.prdc:
             gather["prdc"] = _positions(sample.n_used, config.prdc_max_showers, rng)
@@ -318,32 +359,31 @@ def _evaluate(samples: dict[str, _Sample], binning: Binning, out_dir: Path, conf
             gather["plot"] = _positions(sample.n_used, max(1, config.plot_max_voxels // binning.n_voxels), rng)
         accumulators[name] = _Accumulator(sample, keep_showers=keep, gather=gather)
 
-    # Pass 1 over the reference: features, largest voxel, sums; pass over the generated
-    # sample fills the voxel histogram too; pass 2 over the reference fills its voxel histogram.
     ref_acc, gen_acc = accumulators["reference"], accumulators["generated"]
     logger.info("evaluate: reading %d reference and %d generated showers", samples["reference"].n_used,
                 samples["generated"].n_used)
     for incident, showers in samples["reference"].chunks("reference features"):
         ref_acc.add(incident, showers)
-    lap("reference_features")
+    laps("reference_features")
     voxel_hist = VoxelEnergyHistogram.for_binning(binning, ref_acc.max_voxel if ref_acc.max_voxel is not None else 0.0)
     for incident, showers in samples["generated"].chunks("generated features"):
         gen_acc.add(incident, showers)
         voxel_hist.add_generated(showers)
-    lap("generated_features")
+    laps("generated_features")
     if ref_acc.keep_showers:
         for _, showers in ref_acc.kept:
             voxel_hist.add_reference(showers)
     else:
         for _, showers in samples["reference"].chunks("reference voxel energies"):
             voxel_hist.add_reference(showers)
-    lap("reference_voxel_histogram")
+    laps("reference_voxel_histogram")
+    return accumulators, voxel_hist
 
-    ref_features, gen_features = ref_acc.features(), gen_acc.features()
-    histograms = feature_histograms(ref_features, gen_features, binning, voxel_hist)
-    lap("separation_power")
 
-    metrics: dict[str, Any] = {
+def _metrics_header(samples: dict[str, _Sample], binning: Binning, config: EvaluationConfig,
+                    histograms: list[FeatureHistogram]) -> dict[str, Any]:
+    """The metrics dict with provenance and separation powers; later steps fill the rest."""
+    return {
         "caloman_version": __version__,
         "versions": _versions(),
         "binning": binning.name,
@@ -358,6 +398,7 @@ def _evaluate(samples: dict[str, _Sample], binning: Binning, out_dir: Path, conf
             "separation_power": "chi-squared separation power of normalised histograms, 0 (identical) to 1 (disjoint)",
             "fpd": "Frechet physics distance x 1e3 (as the CaloChallenge quotes it)",
             "kpd": "kernel physics distance x 1e3 (as the CaloChallenge quotes it)",
+            "auc_per_energy": "incident energy in MeV -> AUC of the showers at that energy (strong setting)",
             "timings": "seconds",
         },
         "separation_power": {h.key: h.separation_power for h in histograms},
@@ -368,61 +409,86 @@ def _evaluate(samples: dict[str, _Sample], binning: Binning, out_dir: Path, conf
         "notes": [],
     }
 
-    classifier_results: list[ClassifierResult] = []
-    if keep:
+
+def _classifier_entry(result: ClassifierResult) -> dict[str, Any]:
+    """What metrics.json records of one classifier test."""
+    entry: dict[str, Any] = {"auc": result.auc, "jsd": result.jsd, "setting": result.setting}
+    if result.auc_per_energy is None:
+        entry["best_epoch"] = result.best_epoch
+        return entry
+    entry.update(auc_error=result.auc_error, auc_per_energy=result.auc_per_energy,
+                 auc_per_energy_error=result.auc_per_energy_error, n_per_energy=result.n_per_energy,
+                 n_per_class=result.n_per_class, n_folds=result.n_folds, boosting_iterations=result.best_epoch)
+    return entry
+
+
+def _classifier_tests(metrics: dict[str, Any], accumulators: dict[str, _Accumulator], binning: Binning,
+                      config: EvaluationConfig, laps: _Laps) -> list[ClassifierResult]:
+    """Run the three classifier tests of ``config.classifier`` into ``metrics["classifier"]``."""
+    if config.classifier == "none":
+        return []
+    if config.classifier == "strong":
+        run_strong_test = _optional("caloman.metrics.strong", "run_strong_test", "the classifier tests",
+                                    "--classifier none")
+
+        def run_test(kind, reference, generated):
+            return run_strong_test(kind, reference, generated, binning, seed=config.seed)
+    else:
         run_classifier_test = _optional("caloman.metrics.classifier", "run_classifier_test",
                                         "the classifier tests", "--classifier none")
-        reference_arrays, generated_arrays = ref_acc.all_showers(), gen_acc.all_showers()
-        ref_acc.kept, gen_acc.kept = [], []  # the concatenated copies are all we need now
-        reference_arrays = (reference_arrays[0].astype(np.float64), reference_arrays[1])
-        generated_arrays = (generated_arrays[0].astype(np.float64), generated_arrays[1])
-        for kind in CLASSIFIER_KINDS:
-            result = run_classifier_test(kind, reference_arrays, generated_arrays, binning,
-                                         setting=config.classifier, seed=config.seed)
-            classifier_results.append(result)
-            metrics["classifier"][kind] = {"auc": result.auc, "jsd": result.jsd, "setting": result.setting,
-                                           "best_epoch": result.best_epoch}
-            lap(f"classifier_{kind}")
-        del reference_arrays, generated_arrays
 
-    if config.fpd_kpd:
-        if min(ref_features.n_showers, gen_features.n_showers) < 2:
-            metrics["notes"].append("FPD/KPD skipped: they need at least 2 showers per sample")
-        else:
-            fpd = _optional("caloman.metrics.distances", "fpd", "FPD", "fpd_kpd=False")
-            kpd = _optional("caloman.metrics.distances", "kpd", "KPD", "fpd_kpd=False")
-            # The whole high-level vector, log10(E_inc) included: the challenge passes
-            # prepare_high_data_for_classifier(...)[:, :-1], which drops only the label column.
-            ref_vector, gen_vector = high_level_vector(ref_features), high_level_vector(gen_features)
-            value, error = fpd(ref_vector, gen_vector, seed=config.seed)
-            metrics["fpd"] = {"value": value * DISTANCE_SCALE, "error": error * DISTANCE_SCALE}
-            value, error = kpd(ref_vector, gen_vector, seed=config.seed)
-            metrics["kpd"] = {"value": value * DISTANCE_SCALE, "error": error * DISTANCE_SCALE}
-            lap("fpd_kpd")
+        def run_test(kind, reference, generated):
+            return run_classifier_test(kind, reference, generated, binning, setting=config.classifier,
+                                       seed=config.seed)
 
-    if config.prdc:
-        ref_voxels, gen_voxels = ref_acc.collected("prdc")[1], gen_acc.collected("prdc")[1]
-        if min(len(ref_voxels), len(gen_voxels)) <= config.prdc_k:
-            metrics["notes"].append(f"PRDC skipped: it needs more than k = {config.prdc_k} showers per sample")
-        else:
-            prdc = _optional("caloman.metrics.distances", "prdc", "PRDC", "prdc=False")
-            metrics["prdc"] = prdc(_prdc_input(ref_voxels), _prdc_input(gen_voxels), k=config.prdc_k,
-                                   seed=config.seed)
-            metrics["prdc"]["n_showers"] = {"reference": len(ref_voxels), "generated": len(gen_voxels)}
-            lap("prdc")
+    ref_acc, gen_acc = accumulators["reference"], accumulators["generated"]
+    reference, generated = ref_acc.all_showers(), gen_acc.all_showers()
+    ref_acc.kept, gen_acc.kept = [], []  # the concatenated copies are all we need now
+    reference = (reference[0].astype(np.float64), reference[1])
+    generated = (generated[0].astype(np.float64), generated[1])
+    results = []
+    for kind in CLASSIFIER_KINDS:
+        result = run_test(kind, reference, generated)
+        results.append(result)
+        metrics["classifier"][kind] = _classifier_entry(result)
+        laps(f"classifier_{kind}")
+    return results
 
-    if config.plots:
-        metrics["plots"] = _draw_plots(out_dir, binning, histograms, accumulators, classifier_results)
-        lap("plots")
 
-    timings["total"] = round(time.perf_counter() - start_all, 4)
-    metrics["timings"] = timings
-    metrics = to_jsonable(metrics)
-    with atomic_path(out_dir / METRICS_FILE, suffix=".json.tmp") as tmp:
-        tmp.write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
-    with atomic_path(out_dir / SUMMARY_FILE, suffix=".md.tmp") as tmp:
-        tmp.write_text(render_summary(metrics))
-    return metrics
+def _physics_distances(metrics: dict[str, Any], ref_features: ShowerFeatures, gen_features: ShowerFeatures,
+                       config: EvaluationConfig, laps: _Laps) -> None:
+    """FPD and KPD (x 1e3) on the high-level feature vector into ``metrics``."""
+    if not config.fpd_kpd:
+        return
+    if min(ref_features.n_showers, gen_features.n_showers) < 2:
+        metrics["notes"].append("FPD/KPD skipped: they need at least 2 showers per sample")
+        return
+    fpd = _optional("caloman.metrics.distances", "fpd", "FPD", "fpd_kpd=False")
+    kpd = _optional("caloman.metrics.distances", "kpd", "KPD", "fpd_kpd=False")
+    # The whole high-level vector, log10(E_inc) included: the challenge passes
+    # prepare_high_data_for_classifier(...)[:, :-1], which drops only the label column.
+    ref_vector, gen_vector = high_level_vector(ref_features), high_level_vector(gen_features)
+    value, error = fpd(ref_vector, gen_vector, seed=config.seed)
+    metrics["fpd"] = {"value": value * DISTANCE_SCALE, "error": error * DISTANCE_SCALE}
+    value, error = kpd(ref_vector, gen_vector, seed=config.seed)
+    metrics["kpd"] = {"value": value * DISTANCE_SCALE, "error": error * DISTANCE_SCALE}
+    laps("fpd_kpd")
+
+
+def _precision_recall(metrics: dict[str, Any], accumulators: dict[str, _Accumulator], config: EvaluationConfig,
+                      laps: _Laps) -> None:
+    """Precision, recall, density and coverage on log10 voxel energies into ``metrics``."""
+    if not config.prdc:
+        return
+    ref_voxels = accumulators["reference"].collected("prdc")[1]
+    gen_voxels = accumulators["generated"].collected("prdc")[1]
+    if min(len(ref_voxels), len(gen_voxels)) <= config.prdc_k:
+        metrics["notes"].append(f"PRDC skipped: it needs more than k = {config.prdc_k} showers per sample")
+        return
+    prdc = _optional("caloman.metrics.distances", "prdc", "PRDC", "prdc=False")
+    metrics["prdc"] = prdc(_prdc_input(ref_voxels), _prdc_input(gen_voxels), k=config.prdc_k, seed=config.seed)
+    metrics["prdc"]["n_showers"] = {"reference": len(ref_voxels), "generated": len(gen_voxels)}
+    laps("prdc")
 
 
 def _optional(module: str, attribute: str | None, what: str, switch_off: str) -> Any:
@@ -458,6 +524,8 @@ def _draw_plots(out_dir: Path, binning: Binning, histograms: list[FeatureHistogr
                 incident, showers, binning, plot_dir / f"average_showers_per_energy_{name}.png"))
     if classifier_results:
         paths.append(plots.plot_roc(classifier_results, plot_dir / "roc.png"))
+        if all(r.auc_per_energy for r in classifier_results):
+            paths.append(plots.plot_auc_per_energy(classifier_results, plot_dir / "auc_per_energy.png"))
     return [str(Path(p).relative_to(out_dir)) if Path(p).is_relative_to(out_dir) else str(p) for p in paths]
 
 
@@ -495,6 +563,41 @@ def _fmt(value: float | None, digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+_SETTING_NOTES = {
+    "strong": "gradient-boosted trees, k-fold, per incident energy: the project's yardstick of fidelity",
+    "full": "the challenge's full protocol, comparable with its published numbers",
+    "quick": "a small network for unit tests: not evidence of fidelity, not comparable with the challenge",
+}
+
+
+def classifier_summary_lines(classifier: dict[str, dict[str, Any]]) -> list[str]:
+    """Markdown lines of the classifier section: one table, and for the strong setting AUC per energy."""
+    settings = sorted({v.get("setting", "?") for v in classifier.values()})
+    setting = ", ".join(settings)
+    note = _SETTING_NOTES.get(setting, "a custom setting: not comparable with the challenge's published numbers")
+    lines = [f"Setting: **{setting}** ({note}). AUC 0.5 means indistinguishable.", ""]
+    per_energy = {kind: r["auc_per_energy"] for kind, r in classifier.items() if r.get("auc_per_energy")}
+    if not per_energy:
+        lines += [f"| input ({setting}) | AUC | JSD |", "|---|---:|---:|"]
+        lines += [f"| {kind} | {_fmt(r.get('auc'))} | {_fmt(r.get('jsd'))} |" for kind, r in classifier.items()]
+        return lines
+    lines += [f"| input ({setting}) | AUC | +- | JSD | showers per class |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {kind} | {_fmt(r.get('auc'))} | {_fmt(r.get('auc_error'))} | {_fmt(r.get('jsd'))} | "
+              f"{r.get('n_per_class', '?')} |" for kind, r in classifier.items()]
+    kinds = list(per_energy)
+    energies = sorted({float(e) for values in per_energy.values() for e in values})
+    lines += ["", "AUC per incident energy (+- the standard error over folds):", "",
+              "| E_inc [MeV] | " + " | ".join(kinds) + " |", "|---:|" + "---:|" * len(kinds)]
+    for energy in energies:
+        cells = []
+        for kind in kinds:
+            key = next((k for k in per_energy[kind] if float(k) == energy), None)
+            error = (classifier[kind].get("auc_per_energy_error") or {}).get(key)
+            cells.append("n/a" if key is None else f"{per_energy[kind][key]:.3f} +- {_fmt(error, 3)}")
+        lines.append(f"| {energy:.10g} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def render_summary(metrics: dict[str, Any]) -> str:
     """Markdown summary of a metrics dict (as written to ``summary.md``)."""
     lines = ["# caloman evaluation", ""]
@@ -517,14 +620,7 @@ def render_summary(metrics: dict[str, Any]) -> str:
     lines.append("## Classifier tests")
     lines.append("")
     if classifier:
-        settings = sorted({v.get("setting", "?") for v in classifier.values()})
-        setting = ", ".join(settings)
-        note = ("the challenge's full protocol" if settings == ["full"]
-                else "a reduced setting: not comparable with the challenge's published numbers")
-        lines += [f"Setting: **{setting}** ({note}). AUC 0.5 means indistinguishable.", "",
-                  f"| input ({setting}) | AUC | JSD |", "|---|---:|---:|"]
-        for kind, result in classifier.items():
-            lines.append(f"| {kind} | {_fmt(result.get('auc'))} | {_fmt(result.get('jsd'))} |")
+        lines += classifier_summary_lines(classifier)
     else:
         lines.append("Not run (classifier setting `none`).")
     lines.append("")

@@ -10,6 +10,7 @@ directory that is renamed into place only when complete.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,7 +19,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from caloman.errors import InvalidEnergyError, ShowerFileError, VoxelCountError
+from caloman.errors import ConfigError, InvalidEnergyError, ShowerFileError, VoxelCountError
 from caloman.geometry import Binning, load_binning
 
 INCIDENT_KEY = "incident_energies"
@@ -52,16 +53,9 @@ class ShowerFile:
                  *, check_values: bool = True) -> None:
         self.path = Path(path)
         self.binning = load_binning(binning) if binning is not None else None
-        if not self.path.exists():
-            raise ShowerFileError(f"{self.path}: no such file")
+        self._h5 = _open_hdf5(self.path)
         try:
-            self._h5 = h5py.File(self.path, "r")
-        except OSError as exc:
-            raise ShowerFileError(
-                f"{self.path}: cannot be opened as HDF5 ({exc}); the file is corrupt or truncated, "
-                "re-create or re-download it") from exc
-        try:
-            self._check_structure()
+            self._showers = _checked_showers_dataset(self.path, self._h5, self.binning)
             self.incident_energies = self._read_incident_energies()
             if check_values:
                 for _ in self.iter_chunks():
@@ -69,30 +63,6 @@ class ShowerFile:
         except BaseException:
             self._h5.close()
             raise
-
-    # -- structure ---------------------------------------------------------
-    def _check_structure(self) -> None:
-        missing = [k for k in (INCIDENT_KEY, SHOWERS_KEY) if k not in self._h5]
-        if missing:
-            raise ShowerFileError(
-                f"{self.path}: missing dataset(s) {', '.join(missing)}; a CaloChallenge file needs "
-                f"'{INCIDENT_KEY}' (N, 1) and '{SHOWERS_KEY}' (N, n_voxels)")
-        inc, sh = self._h5[INCIDENT_KEY], self._h5[SHOWERS_KEY]
-        if not isinstance(inc, h5py.Dataset) or not isinstance(sh, h5py.Dataset):
-            raise ShowerFileError(f"{self.path}: '{INCIDENT_KEY}' and '{SHOWERS_KEY}' must be datasets, not groups")
-        if sh.ndim != 2:
-            raise ShowerFileError(
-                f"{self.path}: '{SHOWERS_KEY}' must be 2-dimensional (N, n_voxels), has shape {sh.shape}")
-        if inc.ndim not in (1, 2) or (inc.ndim == 2 and inc.shape[1] != 1):
-            raise ShowerFileError(f"{self.path}: '{INCIDENT_KEY}' must have shape (N, 1), has {inc.shape}")
-        if inc.shape[0] != sh.shape[0]:
-            raise ShowerFileError(
-                f"{self.path}: {inc.shape[0]} incident energies but {sh.shape[0]} showers; the file is inconsistent")
-        if self.binning is not None and sh.shape[1] != self.binning.n_voxels:
-            raise VoxelCountError(
-                f"{self.path}: expected {self.binning.n_voxels} voxels from {Path(self.binning.source).name}, "
-                f"file has {sh.shape[1]}; pass the binning the file was made with")
-        self._showers = sh
 
     def _read_incident_energies(self) -> np.ndarray:
         try:
@@ -103,7 +73,7 @@ class ShowerFile:
         if bad.any():
             i = int(np.argmax(bad))
             raise InvalidEnergyError(
-                f"{self.path}: incident energy of shower {i} is {e[i]!r}; "
+                f"{self.path}: incident energy of shower {i} is {_plain(e[i])} MeV; "
                 "incident energies must be positive and finite (MeV)")
         return e
 
@@ -148,16 +118,70 @@ class ShowerFile:
         self.close()
 
 
+def _plain(value: float) -> str:
+    """A number as users write it (``-4``, ``0.5``, ``nan``, ``inf``), never a numpy repr
+    such as ``np.float32(-4.0)``; seven significant digits, the precision of float32."""
+    return f"{float(value):.7g}"
+
+
+def _open_hdf5(path: Path) -> h5py.File:
+    if not path.exists():
+        raise ShowerFileError(f"{path}: no such file")
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise ShowerFileError(
+            f"{path}: cannot be opened as HDF5 ({exc}); the file is corrupt or truncated, "
+            "re-create or re-download it") from exc
+
+
+def _checked_showers_dataset(path: Path, h5: h5py.File, binning: Binning | None) -> h5py.Dataset:
+    """The showers dataset of an open file after checking keys, shapes and (with a binning) the voxel count."""
+    missing = [k for k in (INCIDENT_KEY, SHOWERS_KEY) if k not in h5]
+    if missing:
+        raise ShowerFileError(
+            f"{path}: missing dataset(s) {', '.join(missing)}; a CaloChallenge file needs "
+            f"'{INCIDENT_KEY}' (N, 1) and '{SHOWERS_KEY}' (N, n_voxels)")
+    inc, sh = h5[INCIDENT_KEY], h5[SHOWERS_KEY]
+    if not isinstance(inc, h5py.Dataset) or not isinstance(sh, h5py.Dataset):
+        raise ShowerFileError(f"{path}: '{INCIDENT_KEY}' and '{SHOWERS_KEY}' must be datasets, not groups")
+    if sh.ndim != 2:
+        raise ShowerFileError(
+            f"{path}: '{SHOWERS_KEY}' must be 2-dimensional (N, n_voxels), has shape {sh.shape}")
+    if inc.ndim not in (1, 2) or (inc.ndim == 2 and inc.shape[1] != 1):
+        raise ShowerFileError(f"{path}: '{INCIDENT_KEY}' must have shape (N, 1), has {inc.shape}")
+    if inc.shape[0] != sh.shape[0]:
+        raise ShowerFileError(
+            f"{path}: {inc.shape[0]} incident energies but {sh.shape[0]} showers; the file is inconsistent")
+    if binning is not None and sh.shape[1] != binning.n_voxels:
+        raise VoxelCountError(
+            f"{path}: expected {binning.n_voxels} voxels from {Path(binning.source).name}, "
+            f"file has {sh.shape[1]}; pass the binning the file was made with")
+    return sh
+
+
+def read_voxel_count(path: str | Path) -> int:
+    """Voxels per shower of a CaloChallenge file, from its dataset shapes alone (no shower is read).
+
+    Raises :class:`ShowerFileError` for a missing, unreadable or malformed file.
+    """
+    path = Path(path)
+    with _open_hdf5(path) as h5:
+        return int(_checked_showers_dataset(path, h5, None).shape[1])
+
+
 def check_voxel_energies(showers: np.ndarray, *, where: str = "showers", offset: int = 0) -> None:
     """Raise :class:`InvalidEnergyError` for NaN, infinite or negative voxel energies."""
     finite = np.isfinite(showers)
     if not finite.all():
-        row = int(np.argwhere(~finite)[0, 0])
-        raise InvalidEnergyError(f"{where}: shower {offset + row} has NaN or infinite voxel energies")
+        row, col = (int(v) for v in np.argwhere(~finite)[0])
+        raise InvalidEnergyError(f"{where}: shower {offset + row} has NaN or infinite voxel energies "
+                                 f"({_plain(showers[row, col])} MeV in voxel {col})")
     if (showers < 0).any():
         row, col = (int(v) for v in np.argwhere(showers < 0)[0])
         raise InvalidEnergyError(
-            f"{where}: shower {offset + row} has a negative voxel energy ({showers[row, col]!r} MeV in voxel {col})")
+            f"{where}: shower {offset + row} has a negative voxel energy "
+            f"({_plain(showers[row, col])} MeV in voxel {col})")
 
 
 def load_showers(path: str | Path, binning: str | Path | Binning | None = None,
@@ -192,6 +216,36 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
         os.replace(tmp_path, target)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path`` to fill; on success its entries
+    replace those of the same name in ``path`` (created if missing; other
+    entries there stay), on any error it is deleted, so a failed command leaves
+    nothing new at ``path``."""
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"output folder {target} is an existing file; give a folder name")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(work, 0o777 & ~umask)
+    try:
+        yield work
+        if not target.exists():
+            os.replace(work, target)
+            return
+        for entry in work.iterdir():
+            destination = target / entry.name
+            if destination.is_dir() and not destination.is_symlink():
+                shutil.rmtree(destination)
+            os.replace(entry, destination)
+        work.rmdir()
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
         raise
 
 

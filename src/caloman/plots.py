@@ -539,6 +539,36 @@ def plot_roc(results: Sequence[ClassifierResult], path: Path) -> Path:
         return _save(fig, path)
 
 
+def plot_auc_per_energy(results: Sequence[ClassifierResult], path: Path) -> Path:
+    """AUC of each classifier test against the incident energy (log x), with the folds' standard errors.
+
+    Needs results of the strong setting (``auc_per_energy`` set), all of one setting.
+    """
+    if not results or any(not r.auc_per_energy for r in results):
+        raise ValueError("plot_auc_per_energy needs classifier results with auc_per_energy (the strong setting)")
+    settings = sorted({r.setting for r in results})
+    if len(settings) > 1:
+        raise ValueError(f"classifier results mix settings {settings}; plot each setting separately")
+    with _figure(6.5, 4.5) as fig:
+        ax = fig.subplots()
+        ax.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="indistinguishable (AUC 0.5)")
+        for r in results:
+            keys = sorted(r.auc_per_energy, key=float)
+            energies = np.array([float(k) for k in keys]) * 1e-3
+            errors = [(r.auc_per_energy_error or {}).get(k, 0.0) for k in keys]
+            errors = np.nan_to_num(np.asarray(errors, dtype=np.float64))
+            ax.errorbar(energies, [r.auc_per_energy[k] for k in keys], yerr=errors, marker="o", markersize=4,
+                        capsize=2, linewidth=1.5,
+                        label=f"{_CLASSIFIER_NAMES.get(r.kind, r.kind)}: AUC {r.auc:.3f} overall")
+        ax.set_xscale("log")
+        ax.set_ylim(0.45, 1.0)
+        ax.set_xlabel("incident energy [GeV]")
+        ax.set_ylabel("AUC (generated vs reference)")
+        ax.legend(loc="upper left", fontsize="small")
+        ax.set_title(f"Classifier test per incident energy, {settings[0]} setting", fontsize="medium")
+        return _save(fig, path)
+
+
 def plot_dimension_curve(k_values: np.ndarray, estimates: dict[str, np.ndarray], path: Path) -> Path:
     """Intrinsic-dimension estimate versus the number of nearest neighbours k, one line per label.
 

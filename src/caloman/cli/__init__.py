@@ -10,9 +10,10 @@ import argparse
 import importlib
 import logging
 import sys
+from pathlib import Path
 
 from caloman import __version__, progress
-from caloman.errors import CalomanError
+from caloman.errors import CalomanError, VoxelCountError
 
 #: command name -> module (under caloman.cli) implementing it
 COMMANDS = {
@@ -23,7 +24,40 @@ COMMANDS = {
     "generate": "generate",
     "benchmark": "benchmark",
     "demo": "demo",
+    "sensitivity": "sensitivity",
 }
+
+
+def add_binning_argument(parser: argparse.ArgumentParser, source: str, note: str = "") -> None:
+    """The optional ``--binning`` of a command that reads a shower file; ``source``
+    names, for the help text, the file whose voxel count picks it when left out
+    (``note`` is appended to that help). Resolve it with :func:`resolve_binning`."""
+    from caloman.geometry import BUILTIN_BINNINGS, builtin_voxel_counts  # noqa: PLC0415
+
+    known = ", ".join(f"{n} {' or '.join(names)}" for n, names in sorted(builtin_voxel_counts().items()))
+    parser.add_argument("--binning", default=None, metavar="BINNING",
+                        help=f"{', '.join(BUILTIN_BINNINGS)} or the path of a CaloChallenge binning XML; "
+                             f"default: inferred from the number of voxels in {source} ({known}){note}")
+
+
+def resolve_binning(binning: str | None, path: str | Path) -> str:
+    """``binning`` as given, or, when it is None, the shipped binning named by the
+    voxel count of the shower file ``path`` (read from the file's shape alone).
+    The inferred choice is printed to stderr; a count that names no shipped
+    binning raises :class:`~caloman.errors.VoxelCountError` asking for --binning."""
+    if binning is not None:
+        return binning
+    from caloman.geometry import binning_for_voxel_count  # noqa: PLC0415
+    from caloman.io import read_voxel_count  # noqa: PLC0415
+
+    n_voxels = read_voxel_count(path)
+    try:
+        name = binning_for_voxel_count(n_voxels)
+    except VoxelCountError as exc:
+        raise VoxelCountError(f"{path}: cannot infer the binning: {exc}; pass --binning with the name or the "
+                              "binning XML the file was made with") from None
+    print(f"binning: {name} (inferred from {n_voxels} voxels in {path})", file=sys.stderr)
+    return name
 
 
 def build_parser() -> argparse.ArgumentParser:

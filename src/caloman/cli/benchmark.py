@@ -23,7 +23,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--run", type=Path, metavar="RUN", help="benchmark this trained run (one model only)")
     parser.add_argument("--data", type=Path, metavar="TRAIN.h5", help="training file (default: simulate)")
     parser.add_argument("--reference", type=Path, metavar="REF.h5", help="held-out reference file")
-    parser.add_argument("--classifier", choices=("quick", "full", "none"), default="quick")
+    parser.add_argument("--classifier", choices=("strong", "full", "quick", "none"), default="strong",
+                        help="classifier test of the fidelity evaluation (default strong: boosted trees per incident "
+                             "energy; full: the challenge protocol, hours on CPU; quick: unit tests only)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads for the timings (default 2)")
     parser.add_argument("--batch-sizes", default="1,100,10000", help="comma-separated (default 1,100,10000)")

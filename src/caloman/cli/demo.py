@@ -18,8 +18,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="quick: minutes on 2 cores (default); full: 100,000 showers, CaloMan's paper-sized "
                              "networks")
     parser.add_argument("--seed", type=int, default=0, help="seed of data, training and generation (default 0)")
-    parser.add_argument("--classifier", choices=("quick", "full", "none"), default="quick",
-                        help="classifier test setting (default quick; full is the challenge protocol, hours on CPU)")
+    parser.add_argument("--classifier", choices=("strong", "full", "quick", "none"), default="strong",
+                        help="classifier test setting (default strong: boosted trees per incident energy, minutes; "
+                             "full is the challenge protocol, hours on CPU; quick is for unit tests only)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.set_defaults(func=run)
     return parser

@@ -33,7 +33,16 @@ class ClassifierResult:
     kind: str                # "low", "low_normed" or "high"
     auc: float
     jsd: float
-    setting: str             # "full" or "quick"
+    setting: str             # "strong", "full" or "quick"
     fpr: np.ndarray = field(repr=False)   # ROC curve
     tpr: np.ndarray = field(repr=False)
-    best_epoch: int = -1
+    best_epoch: int = -1     # network: epoch kept; trees: mean boosting iterations
+    # The strong (k-fold) test only: standard error of the AUC over folds, and the
+    # AUC per incident energy (key: energy in MeV as a string) with its error and
+    # the showers per class at that energy.
+    auc_error: float | None = None
+    auc_per_energy: dict[str, float] | None = None
+    auc_per_energy_error: dict[str, float] | None = None
+    n_per_energy: dict[str, int] | None = None
+    n_per_class: int | None = None
+    n_folds: int | None = None

@@ -16,10 +16,12 @@ The protocol follows the challenge's ``evaluate.py`` (Krause et al., CaloChallen
   probabilities, clipped to [1e-6, 1 - 1e-6], and AUC and JSD are measured on the
   validation split.
 
-Two settings exist: :meth:`ClassifierSettings.full` is the challenge protocol and
-is the default for real evaluations; :meth:`ClassifierSettings.quick` is a small,
-fast stand-in for tests and demos. Results carry the setting's name; never put
-the two in one table.
+Two settings of the network exist: :meth:`ClassifierSettings.full` is the
+challenge protocol, for numbers comparable with published tables;
+:meth:`ClassifierSettings.quick` is a small, fast stand-in for unit tests only,
+never evidence of fidelity. The project's yardstick of fidelity is the third
+setting, "strong" (:mod:`caloman.metrics.strong`, gradient-boosted trees per
+incident energy). Results carry the setting's name; never put two in one table.
 """
 
 from __future__ import annotations
@@ -139,8 +141,9 @@ def resolve_settings(setting: str | ClassifierSettings, binning: Binning) -> Cla
 
 # -- inputs -------------------------------------------------------------------
 
-def _check_showers(incident_energies: np.ndarray, showers: np.ndarray, binning: Binning,
+def check_showers(incident_energies: np.ndarray, showers: np.ndarray, binning: Binning,
                    where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Incident energies (N,) float64 and showers (N, V), checked against the binning and each other."""
     energies = np.asarray(incident_energies, dtype=np.float64).reshape(-1)
     showers = np.asarray(showers)  # converted to float64 only where used: the files may be large
     if showers.ndim != 2 or showers.shape[1] != binning.n_voxels:
@@ -180,7 +183,7 @@ def classifier_inputs(kind: str, incident_energies: np.ndarray, showers: np.ndar
     """
     if kind not in KINDS:
         raise ConfigError(f"unknown classifier input kind {kind!r}: use one of {', '.join(KINDS)}")
-    energies, showers = _check_showers(incident_energies, showers, binning, f"classifier inputs ({kind})")
+    energies, showers = check_showers(incident_energies, showers, binning, f"classifier inputs ({kind})")
     showers = showers.astype(np.float64, copy=False)
     log_energy = np.log10(energies)[:, None]
     if kind == "low":
@@ -299,8 +302,8 @@ def run_classifier_test(kind: str, reference: tuple[np.ndarray, np.ndarray],
     settings = resolve_settings(setting, binning)
     if kind not in KINDS:
         raise ConfigError(f"unknown classifier input kind {kind!r}: use one of {', '.join(KINDS)}")
-    ref_energies, ref_showers = _check_showers(*reference, binning, "reference")
-    gen_energies, gen_showers = _check_showers(*generated, binning, "generated")
+    ref_energies, ref_showers = check_showers(*reference, binning, "reference")
+    gen_energies, gen_showers = check_showers(*generated, binning, "generated")
 
     rng = np.random.default_rng(seed)
     n_per_class = min(len(ref_energies), len(gen_energies))

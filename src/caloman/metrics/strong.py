@@ -1,0 +1,247 @@
+"""The strong classifier test: gradient-boosted trees, k-fold, per incident energy.
+
+The challenge's network (:mod:`caloman.metrics.classifier`, setting "full") takes
+hours on a CPU, and its small stand-in ("quick") cannot see defects that a
+ten-second tree sees. This test is the project's yardstick of fidelity:
+
+* the inputs are the challenge's (``low``, ``low_normed``, ``high``, see
+  :func:`caloman.metrics.classifier.classifier_inputs`), plus, for every kind, the
+  energy ratios log10(E_layer / E_inc) per layer and log10(E_tot / E_inc)
+  (:func:`strong_inputs`): a network can form sums and ratios of its inputs, a
+  tree cannot, and without them a tree misses a layer's energy off by a few per
+  cent. Trees split on ranks, so a monotone transform of one input (log voxel
+  energies, say) changes nothing;
+* scikit-learn's :class:`~sklearn.ensemble.HistGradientBoostingClassifier`
+  (log loss, early stopping on an internal 10 % validation split) is fitted
+  k times (default 3), each time on all folds but one, and scores the fold it
+  did not see; every shower is scored once, by a model that never saw it;
+* AUC and JSD are the means over the folds, with the standard error of the mean
+  over the folds as the uncertainty; the ROC curve is drawn from all
+  out-of-fold scores;
+* the same out-of-fold scores, restricted to one incident energy, give the AUC
+  per energy: each discrete energy of a ladder (dataset 1), or log-spaced bins
+  for a continuous spectrum.
+
+JSD = (ln 2 - BCE) / ln 2 uses the trees' own probabilities (clipped to
+[1e-6, 1 - 1e-6]): log-loss boosting with early stopping is close to
+calibrated, so no isotonic step is added.
+
+Cost grows with showers x inputs; both classes are cut to equal size, and to
+at most ``max_values_per_class / n_inputs`` showers (dataset 1: all of 100,000;
+dataset 2: about 15,000; dataset 3: about 2,500) so a test stays within minutes
+on two cores. The showers kept are a seeded random subset.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.ensemble import HistGradientBoostingClassifier
+from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.model_selection import StratifiedKFold
+from threadpoolctl import threadpool_limits
+
+from caloman.errors import ConfigError
+from caloman.features import LOG_EPSILON
+from caloman.geometry import Binning
+from caloman.metrics import ClassifierResult
+from caloman.metrics.classifier import (
+    KINDS,
+    PROBABILITY_FLOOR,
+    check_showers,
+    classifier_inputs,
+    jensen_shannon_divergence,
+)
+from caloman.progress import ProgressBar
+
+__all__ = ["StrongClassifierSettings", "energy_groups", "run_strong_test", "strong_inputs"]
+
+#: A spectrum with at most this many distinct incident energies is a ladder: one AUC per energy.
+MAX_DISCRETE_ENERGIES = 40
+
+
+@dataclass(frozen=True)
+class StrongClassifierSettings:
+    """Gradient-boosted trees, k-fold, per incident energy.
+
+    Attributes:
+        name: label stored in every result.
+        n_folds: k of the k-fold (each shower is scored by the model that did not see it).
+        max_iter: boosting iterations at most (early stopping usually ends sooner).
+        learning_rate: shrinkage of each tree.
+        max_leaf_nodes: leaves per tree.
+        n_iter_no_change: early stopping patience on the internal validation loss.
+        validation_fraction: part of each training fold used for early stopping.
+        max_showers_per_class: cut each class to at most this many showers.
+        max_values_per_class: and to at most this many (showers x inputs) values.
+        energy_bins: log-spaced incident-energy bins for a continuous spectrum.
+        min_showers_per_energy: per class, the fewest showers for an AUC at one energy.
+        max_threads: OpenMP threads of the trees.
+    """
+
+    name: str = "strong"
+    n_folds: int = 3
+    max_iter: int = 200
+    learning_rate: float = 0.1
+    max_leaf_nodes: int = 31
+    n_iter_no_change: int = 10
+    validation_fraction: float = 0.1
+    max_showers_per_class: int | None = 100_000
+    max_values_per_class: int = 40_000_000
+    energy_bins: int = 10
+    min_showers_per_energy: int = 20
+    max_threads: int = 2
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.n_folds < 2:
+            problems.append(f"n_folds must be >= 2, got {self.n_folds}")
+        if self.max_iter < 1 or self.max_leaf_nodes < 2 or self.n_iter_no_change < 1 or self.max_threads < 1:
+            problems.append("max_iter, n_iter_no_change and max_threads must be >= 1, max_leaf_nodes >= 2")
+        if not self.learning_rate > 0:
+            problems.append(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 < self.validation_fraction < 0.5:
+            problems.append(f"validation_fraction must lie in (0, 0.5), got {self.validation_fraction}")
+        if self.max_showers_per_class is not None and self.max_showers_per_class < 10:
+            problems.append(f"max_showers_per_class must be >= 10, got {self.max_showers_per_class}")
+        if self.max_values_per_class < 1000 or self.energy_bins < 1 or self.min_showers_per_energy < 2:
+            problems.append("max_values_per_class must be >= 1000, energy_bins >= 1, min_showers_per_energy >= 2")
+        if problems:
+            raise ConfigError("invalid StrongClassifierSettings: " + "; ".join(problems))
+
+    def showers_per_class(self, n_available: int, n_inputs: int) -> int:
+        """How many showers of each class a test uses."""
+        n = min(n_available, self.max_values_per_class // max(1, n_inputs))
+        return n if self.max_showers_per_class is None else min(n, self.max_showers_per_class)
+
+
+def _energy_key(mev: float) -> str:
+    return f"{mev:.10g}"
+
+
+def energy_groups(incident_energies: np.ndarray, n_bins: int = 10) -> tuple[list[str], np.ndarray]:
+    """Group showers by incident energy for per-energy AUCs.
+
+    A spectrum of at most :data:`MAX_DISCRETE_ENERGIES` distinct energies is a
+    ladder: one group per energy, keyed by the energy in MeV. Otherwise
+    ``n_bins`` log-spaced bins over the range, keyed by the bin's geometric
+    centre rounded to 4 digits.
+
+    Args:
+        incident_energies: (N,) in MeV, positive.
+    Returns:
+        (keys, group index (N,)).
+    """
+    energies = np.asarray(incident_energies, dtype=np.float64).reshape(-1)
+    levels = np.unique(energies.astype(np.float32))
+    if len(levels) <= MAX_DISCRETE_ENERGIES:
+        logs = np.log(levels.astype(np.float64))
+        cuts = 0.5 * (logs[1:] + logs[:-1])
+        return [_energy_key(float(v)) for v in levels], np.searchsorted(cuts, np.log(energies))
+    edges = np.linspace(np.log(energies.min()), np.log(energies.max()), n_bins + 1)
+    centres = np.exp(0.5 * (edges[1:] + edges[:-1]))
+    keys = [_energy_key(float(f"{c:.4g}")) for c in centres]
+    return keys, np.clip(np.searchsorted(edges, np.log(energies), side="right") - 1, 0, n_bins - 1)
+
+
+def strong_inputs(kind: str, incident_energies: np.ndarray, showers: np.ndarray, binning: Binning) -> np.ndarray:
+    """The challenge's inputs of ``kind`` followed by log10((E_layer + 1e-8) / E_inc) for
+    every relevant layer and log10((E_tot + 1e-8) / E_inc): (N, n_kind + L + 1) float32."""
+    energies, showers = check_showers(incident_energies, showers, binning, f"strong classifier inputs ({kind})")
+    layer_energies = np.stack([showers[:, binning.layer_slice(layer)].sum(axis=1, dtype=np.float64)
+                               for layer in binning.relevant_layers], axis=1)
+    totals = layer_energies.sum(axis=1, keepdims=True)
+    ratios = np.log10((np.concatenate([layer_energies, totals], axis=1) + LOG_EPSILON) / energies[:, None])
+    return np.concatenate([classifier_inputs(kind, energies, showers, binning), ratios], axis=1).astype(np.float32)
+
+
+def _make_model(settings: StrongClassifierSettings, seed: int) -> HistGradientBoostingClassifier:
+    return HistGradientBoostingClassifier(
+        max_iter=settings.max_iter, learning_rate=settings.learning_rate, max_leaf_nodes=settings.max_leaf_nodes,
+        early_stopping=True, validation_fraction=settings.validation_fraction,
+        n_iter_no_change=settings.n_iter_no_change, random_state=seed)
+
+
+def _mean_and_error(values: list[float]) -> tuple[float, float]:
+    array = np.asarray(values, dtype=np.float64)
+    error = float(array.std(ddof=1) / math.sqrt(len(array))) if len(array) > 1 else math.nan
+    return float(array.mean()), error
+
+
+def run_strong_test(kind: str, reference: tuple[np.ndarray, np.ndarray], generated: tuple[np.ndarray, np.ndarray],
+                    binning: Binning, settings: StrongClassifierSettings | None = None,
+                    seed: int = 42) -> ClassifierResult:
+    """Separate reference from generated showers with boosted trees, k-fold, per energy.
+
+    Args:
+        kind: input kind, "low", "low_normed" or "high".
+        reference: (incident_energies (N,), showers (N, V)) in MeV, thresholded.
+        generated: the same for generated showers.
+        binning: geometry of both samples.
+        settings: :class:`StrongClassifierSettings` (default: the defaults).
+        seed: seeds the subsets, the folds and the trees.
+
+    Returns:
+        :class:`ClassifierResult` with ``setting`` "strong": AUC and JSD as means
+        over folds, ``auc_error`` (standard error over folds), ``auc_per_energy``
+        and its errors, the out-of-fold ROC curve and ``best_epoch`` the mean number
+        of boosting iterations.
+    """
+    settings = settings or StrongClassifierSettings()
+    if kind not in KINDS:
+        raise ConfigError(f"unknown classifier input kind {kind!r}: use one of {', '.join(KINDS)}")
+    ref_energies, ref_showers = check_showers(*reference, binning, "reference")
+    gen_energies, gen_showers = check_showers(*generated, binning, "generated")
+    rng = np.random.default_rng(seed)
+    n_inputs = strong_inputs(kind, ref_energies[:1], ref_showers[:1], binning).shape[1]
+    n_per_class = settings.showers_per_class(min(len(ref_energies), len(gen_energies)), n_inputs)
+    if n_per_class < settings.n_folds * 5:
+        raise ConfigError(f"{n_per_class} showers per class are too few for a {settings.n_folds}-fold classifier "
+                          "test; give more showers")
+    ref_keep = np.sort(rng.permutation(len(ref_energies))[:n_per_class])
+    gen_keep = np.sort(rng.permutation(len(gen_energies))[:n_per_class])
+    energies = np.concatenate([ref_energies[ref_keep], gen_energies[gen_keep]])
+    inputs = np.concatenate([strong_inputs(kind, ref_energies[ref_keep], ref_showers[ref_keep], binning),
+                             strong_inputs(kind, gen_energies[gen_keep], gen_showers[gen_keep], binning)])
+    labels = np.concatenate([np.ones(n_per_class), np.zeros(n_per_class)])
+    keys, group = energy_groups(energies, settings.energy_bins)
+
+    ref_group, gen_group = group[:n_per_class], group[n_per_class:]
+    counts = {key: min(int(np.count_nonzero(ref_group == g)), int(np.count_nonzero(gen_group == g)))
+              for g, key in enumerate(keys)}
+    # An AUC per energy needs both classes in every test fold.
+    eligible = [(g, key) for g, key in enumerate(keys)
+                if counts[key] >= max(settings.min_showers_per_energy, settings.n_folds)]
+
+    scores = np.empty(len(labels))
+    fold_auc, fold_jsd, iterations = [], [], []
+    fold_energy_auc: dict[str, list[float]] = {key: [] for _, key in eligible}
+    # Stratify on (class, energy group): every fold sees every energy in both classes.
+    strata = group * 2 + labels.astype(np.int64)
+    folds = StratifiedKFold(n_splits=settings.n_folds, shuffle=True, random_state=seed)
+    with threadpool_limits(limits=settings.max_threads, user_api="openmp"), \
+            ProgressBar(settings.n_folds, desc=f"classifier {kind} (strong)", unit="fold") as bar:
+        for fold, (train, test) in enumerate(folds.split(inputs, strata)):
+            model = _make_model(settings, seed + fold).fit(inputs[train], labels[train])
+            p = np.clip(model.predict_proba(inputs[test])[:, 1], PROBABILITY_FLOOR, 1 - PROBABILITY_FLOOR)
+            scores[test] = p
+            fold_auc.append(float(roc_auc_score(labels[test], p)))
+            fold_jsd.append(jensen_shannon_divergence(labels[test], p))
+            iterations.append(int(model.n_iter_))
+            for g, key in eligible:
+                mask = group[test] == g
+                fold_energy_auc[key].append(float(roc_auc_score(labels[test][mask], p[mask])))
+            bar.update()
+
+    auc, auc_error = _mean_and_error(fold_auc)
+    per_energy, per_energy_error = {}, {}
+    for _, key in eligible:
+        per_energy[key], per_energy_error[key] = _mean_and_error(fold_energy_auc[key])
+    fpr, tpr, _ = roc_curve(labels, scores)
+    return ClassifierResult(kind=kind, auc=auc, jsd=float(np.mean(fold_jsd)), setting=settings.name,
+                            fpr=fpr, tpr=tpr, best_epoch=int(round(float(np.mean(iterations)))),
+                            auc_error=auc_error, auc_per_energy=per_energy, auc_per_energy_error=per_energy_error,
+                            n_per_energy={key: counts[key] for _, key in eligible}, n_per_class=n_per_class,
+                            n_folds=settings.n_folds)
