@@ -8,7 +8,13 @@ from caloman.evaluation import EvaluationConfig, evaluate_arrays
 from caloman.features import apply_threshold
 from caloman.geometry import load_binning
 from caloman.metrics.defects import scale_layer
-from caloman.metrics.strong import StrongClassifierSettings, energy_groups, run_strong_test, strong_inputs
+from caloman.metrics.strong import (
+    SPECTRUM_BANDS,
+    StrongClassifierSettings,
+    energy_groups,
+    run_strong_test,
+    strong_inputs,
+)
 from caloman.simulation import simulate_showers
 
 FAST = StrongClassifierSettings(max_iter=60)
@@ -46,12 +52,20 @@ def test_strong_inputs_add_energy_ratios(binning):
     energies = np.array([1000.0])
     showers = np.zeros((1, binning.n_voxels))
     showers[0, binning.layer_slice(2)] = 1.0  # 190 MeV in the middle layer
+    showers[0, binning.layer_slice(1).start + np.arange(4)] = [1.0, 1.5, 3.0, 40.0]  # strips: 45.5 MeV
     inputs = strong_inputs("low", energies, showers, binning)
     n_layers = len(binning.relevant_layers)
-    assert inputs.shape == (1, 1 + binning.n_voxels + n_layers + 1)
-    ratios = inputs[0, -(n_layers + 1):]
+    n_base = 1 + binning.n_voxels
+    assert inputs.shape == (1, n_base + n_layers + 1 + n_layers * SPECTRUM_BANDS)
+    ratios = inputs[0, n_base:n_base + n_layers + 1]
     assert ratios[binning.relevant_layers.index(2)] == pytest.approx(np.log10(0.19), rel=1e-5)
-    assert ratios[-1] == pytest.approx(np.log10(0.19), rel=1e-5)
+    assert ratios[binning.relevant_layers.index(1)] == pytest.approx(np.log10(0.0455), rel=1e-5)
+    assert ratios[-1] == pytest.approx(np.log10(0.2355), rel=1e-5)
+    spectra = inputs[0, n_base + n_layers + 1:].reshape(n_layers, SPECTRUM_BANDS)
+    # bands [1, 2), [2, 4), [4, 8), [8, 16), [16, inf) MeV
+    np.testing.assert_array_equal(spectra[binning.relevant_layers.index(1)], [2, 1, 0, 0, 1])
+    np.testing.assert_array_equal(spectra[binning.relevant_layers.index(2)], [190, 0, 0, 0, 0])
+    assert spectra[binning.relevant_layers.index(0)].sum() == 0
 
 
 def test_independent_samples_are_indistinguishable(binning, two_samples):

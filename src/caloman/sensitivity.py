@@ -3,7 +3,7 @@
 Two independent samples of the built-in simulator at the same incident
 energies play reference and "generated" showers. The second sample is given
 each defect of :data:`caloman.metrics.defects.DEFECTS` in turn (one layer's
-energy off by 3 %, energy moved from the core to the next ring, dim voxels
+energy off by 5 %, energy moved from the core to the next ring, dim voxels
 lost, radial profiles stretched, voxel energies on a lattice) and the strong
 test is run on all three inputs. A test that deserves trust finds every defect
 (largest AUC of the three inputs at least :data:`DETECTION_AUC`) and finds

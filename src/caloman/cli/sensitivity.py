@@ -1,7 +1,7 @@
 """``caloman sensitivity``: prove the strong classifier test's power on injected defects.
 
 Two independent built-in simulator samples at the dataset-1 ladder energies;
-the second gets each known defect in turn (a layer's energy off by 3 %, energy
+the second gets each known defect in turn (a layer's energy off by 5 %, energy
 moved from the core to the next ring, dim voxels lost, widths stretched by 3 %,
 voxel energies on a lattice) and the strong test runs on all three inputs.
 Writes sensitivity.json and sensitivity.md; exits 1 when a defect is missed or

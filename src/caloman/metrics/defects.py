@@ -128,7 +128,7 @@ class Defect:
 #: The suite's defects for dataset 1 (layer ids as in the photon binning: 1 strips, 2 middle).
 DEFECTS = (
     Defect("none", "no defect: two independent simulator samples", "none"),
-    Defect("strip_energy_+3%", "strip layer (1) energy x 1.03", "layer_scale", 1.03, layer_id=1),
+    Defect("strip_energy_+5%", "strip layer (1) energy x 1.05", "layer_scale", 1.05, layer_id=1),
     Defect("core_to_ring_5%", "5 % of the core bin's energy moved to the next ring, every layer", "core_to_ring",
            0.05),
     Defect("dim_voxels_lost_30%", "30 % of the voxels between threshold and twice threshold lost",

@@ -6,11 +6,13 @@ ten-second tree sees. This test is the project's yardstick of fidelity:
 
 * the inputs are the challenge's (``low``, ``low_normed``, ``high``, see
   :func:`caloman.metrics.classifier.classifier_inputs`), plus, for every kind, the
-  energy ratios log10(E_layer / E_inc) per layer and log10(E_tot / E_inc)
-  (:func:`strong_inputs`): a network can form sums and ratios of its inputs, a
-  tree cannot, and without them a tree misses a layer's energy off by a few per
-  cent. Trees split on ranks, so a monotone transform of one input (log voxel
-  energies, say) changes nothing;
+  energy ratios log10(E_layer / E_inc) per layer and log10(E_tot / E_inc) and each
+  layer's voxel-energy spectrum (counts of voxels in bands of doubling energy
+  above the threshold, :func:`strong_inputs`): a network can form sums, ratios and
+  counts of its inputs, a tree cannot, and without them a tree misses a layer's
+  energy off by a few per cent or dim voxels lost near the threshold. Trees
+  split on ranks, so a monotone transform of one input (log voxel energies,
+  say) changes nothing;
 * scikit-learn's :class:`~sklearn.ensemble.HistGradientBoostingClassifier`
   (log loss, early stopping on an internal 10 % validation split) is fitted
   k times (default 3), each time on all folds but one, and scores the fold it
@@ -57,6 +59,9 @@ from caloman.metrics.classifier import (
 from caloman.progress import ProgressBar
 
 __all__ = ["StrongClassifierSettings", "energy_groups", "run_strong_test", "strong_inputs"]
+
+#: Voxel-energy bands per layer in the strong inputs: [t, 2t), [2t, 4t), ..., [2^(B-1) t, inf), t the threshold.
+SPECTRUM_BANDS = 5
 
 #: A spectrum with at most this many distinct incident energies is a ladder: one AUC per energy.
 MAX_DISCRETE_ENERGIES = 40
@@ -147,14 +152,30 @@ def energy_groups(incident_energies: np.ndarray, n_bins: int = 10) -> tuple[list
 
 
 def strong_inputs(kind: str, incident_energies: np.ndarray, showers: np.ndarray, binning: Binning) -> np.ndarray:
-    """The challenge's inputs of ``kind`` followed by log10((E_layer + 1e-8) / E_inc) for
-    every relevant layer and log10((E_tot + 1e-8) / E_inc): (N, n_kind + L + 1) float32."""
+    """The challenge's inputs of ``kind``, then the sums and counts a tree cannot form:
+
+    * log10((E_layer + 1e-8) / E_inc) for every relevant layer and log10((E_tot + 1e-8) / E_inc);
+    * every relevant layer's voxel-energy spectrum: the number of voxels in
+      :data:`SPECTRUM_BANDS` bands [t 2^j, t 2^(j+1)) above the readout threshold t
+      (the last band open-ended).
+
+    Showers are thresholded already. Returns (N, n_kind + L + 1 + L * SPECTRUM_BANDS) float32.
+    """
     energies, showers = check_showers(incident_energies, showers, binning, f"strong classifier inputs ({kind})")
-    layer_energies = np.stack([showers[:, binning.layer_slice(layer)].sum(axis=1, dtype=np.float64)
-                               for layer in binning.relevant_layers], axis=1)
+    threshold = binning.readout_threshold
+    edges = threshold * 2.0 ** np.arange(1, SPECTRUM_BANDS)
+    layer_energies, spectra = [], []
+    for layer in binning.relevant_layers:
+        voxels = showers[:, binning.layer_slice(layer)]
+        layer_energies.append(voxels.sum(axis=1, dtype=np.float64))
+        band = np.searchsorted(edges, voxels, side="right")          # 0 .. SPECTRUM_BANDS - 1
+        lit = voxels > 0
+        spectra += [np.count_nonzero(lit & (band == j), axis=1) for j in range(SPECTRUM_BANDS)]
+    layer_energies = np.stack(layer_energies, axis=1)
     totals = layer_energies.sum(axis=1, keepdims=True)
     ratios = np.log10((np.concatenate([layer_energies, totals], axis=1) + LOG_EPSILON) / energies[:, None])
-    return np.concatenate([classifier_inputs(kind, energies, showers, binning), ratios], axis=1).astype(np.float32)
+    return np.concatenate([classifier_inputs(kind, energies, showers, binning), ratios, np.stack(spectra, axis=1)],
+                          axis=1).astype(np.float32)
 
 
 def _make_model(settings: StrongClassifierSettings, seed: int) -> HistGradientBoostingClassifier:
