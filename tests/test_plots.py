@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from pathlib import Path
 
@@ -219,6 +220,21 @@ def test_roc_dimension_and_history(tmp_path):
                "flow/train": [-1.0, -2.0], "flow/val": [float("nan"), -1.5]}
     assert_png(plots.plot_training_history(history, tmp_path / "hist.png"))
     assert_png(plots.plot_training_history({}, tmp_path / "empty.png"))
+
+
+def test_auc_per_energy_needs_strong_results_of_one_setting(tmp_path):
+    fpr = np.linspace(0.0, 1.0, 5)
+    per_energy = {"256": 0.51, "65536": 0.8, "4194304": 0.95}
+    strong = [ClassifierResult(kind, 0.7, 0.1, "strong", fpr, fpr, auc_error=0.01, auc_per_energy=per_energy,
+                               auc_per_energy_error={k: 0.01 for k in per_energy}) for kind in ("low", "high")]
+    w, h = assert_png(plots.plot_auc_per_energy(strong, tmp_path / "auc.png"))
+    assert w > h
+    with pytest.raises(ValueError, match="strong"):
+        plots.plot_auc_per_energy([ClassifierResult("low", 0.6, 0.1, "quick", fpr, fpr)], tmp_path / "no.png")
+    mixed = [strong[0], dataclasses.replace(strong[1], setting="mine")]
+    with pytest.raises(ValueError, match="settings"):
+        plots.plot_auc_per_energy(mixed, tmp_path / "no.png")
+    assert not (tmp_path / "no.png").exists()
 
 
 def test_plotting_leaves_global_matplotlib_state_alone(tmp_path, ds1):

@@ -111,7 +111,7 @@ def test_settings_are_validated():
     with pytest.raises(ConfigError):
         StrongClassifierSettings(validation_fraction=0.7)
     assert StrongClassifierSettings().showers_per_class(200_000, 400) == 100_000
-    assert StrongClassifierSettings().showers_per_class(100_000, 40_500 + 47) == 986
+    assert StrongClassifierSettings().showers_per_class(100_000, 40_772) == 1_226  # dataset 3, low inputs
 
 
 def test_too_few_showers_and_bad_energies_are_refused(binning, two_samples):

@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         per_energy = result.get("auc_per_energy") or {}
         if per_energy:
             worst = max(per_energy, key=per_energy.get)
-            line += f"; largest at one energy {per_energy[worst]:.4f} ({float(worst):g} MeV)"
+            line += f"; largest at one energy {per_energy[worst]:.4f} ({worst} MeV)"
         print(line)
     for key in ("fpd", "kpd"):
         if metrics.get(key):

@@ -30,7 +30,7 @@ calibrated, so no isotonic step is added.
 
 Cost grows with showers x inputs; both classes are cut to equal size, and to
 at most ``max_values_per_class / n_inputs`` showers (dataset 1: all of 100,000;
-dataset 2: about 15,000; dataset 3: about 2,500) so a test stays within minutes
+dataset 2: about 7,400; dataset 3: about 1,200) so a test stays within minutes
 on two cores. The showers kept are a seeded random subset.
 """
 
@@ -94,7 +94,7 @@ class StrongClassifierSettings:
     n_iter_no_change: int = 10
     validation_fraction: float = 0.1
     max_showers_per_class: int | None = 100_000
-    max_values_per_class: int = 40_000_000
+    max_values_per_class: int = 50_000_000
     energy_bins: int = 10
     min_showers_per_energy: int = 20
     max_threads: int = 2
@@ -191,6 +191,63 @@ def _mean_and_error(values: list[float]) -> tuple[float, float]:
     return float(array.mean()), error
 
 
+@dataclass
+class _CrossFit:
+    """Out-of-fold scores and per-fold results of one k-fold run."""
+
+    scores: np.ndarray
+    auc: list[float]
+    jsd: list[float]
+    iterations: list[int]
+    auc_per_energy: dict[str, list[float]]
+
+
+def _balanced_inputs(kind: str, reference: tuple[np.ndarray, np.ndarray], generated: tuple[np.ndarray, np.ndarray],
+                     binning: Binning, settings: StrongClassifierSettings, seed: int
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Equal, seeded random subsets of both classes as (inputs, labels (1: reference), incident energies,
+    showers per class); reference rows first."""
+    ref_energies, ref_showers = check_showers(*reference, binning, "reference")
+    gen_energies, gen_showers = check_showers(*generated, binning, "generated")
+    rng = np.random.default_rng(seed)
+    n_inputs = strong_inputs(kind, ref_energies[:1], ref_showers[:1], binning).shape[1]
+    n_per_class = settings.showers_per_class(min(len(ref_energies), len(gen_energies)), n_inputs)
+    if n_per_class < settings.n_folds * 5:
+        raise ConfigError(f"{n_per_class} showers per class are too few for a {settings.n_folds}-fold classifier "
+                          "test; give more showers")
+    ref_keep = np.sort(rng.permutation(len(ref_energies))[:n_per_class])
+    gen_keep = np.sort(rng.permutation(len(gen_energies))[:n_per_class])
+    energies = np.concatenate([ref_energies[ref_keep], gen_energies[gen_keep]])
+    inputs = np.concatenate([strong_inputs(kind, ref_energies[ref_keep], ref_showers[ref_keep], binning),
+                             strong_inputs(kind, gen_energies[gen_keep], gen_showers[gen_keep], binning)])
+    labels = np.concatenate([np.ones(n_per_class), np.zeros(n_per_class)])
+    return inputs, labels, energies, n_per_class
+
+
+def _cross_fit(kind: str, inputs: np.ndarray, labels: np.ndarray, group: np.ndarray,
+               eligible: list[tuple[int, str]], settings: StrongClassifierSettings, seed: int) -> _CrossFit:
+    """Fit on k - 1 folds, score the k-th, for every k; AUC per energy group of ``eligible``."""
+    result = _CrossFit(scores=np.empty(len(labels)), auc=[], jsd=[], iterations=[],
+                       auc_per_energy={key: [] for _, key in eligible})
+    # Stratify on (class, energy group): every fold sees every energy in both classes.
+    strata = group * 2 + labels.astype(np.int64)
+    folds = StratifiedKFold(n_splits=settings.n_folds, shuffle=True, random_state=seed)
+    with threadpool_limits(limits=settings.max_threads, user_api="openmp"), \
+            ProgressBar(settings.n_folds, desc=f"classifier {kind} (strong)", unit="fold") as bar:
+        for fold, (train, test) in enumerate(folds.split(inputs, strata)):
+            model = _make_model(settings, seed + fold).fit(inputs[train], labels[train])
+            p = np.clip(model.predict_proba(inputs[test])[:, 1], PROBABILITY_FLOOR, 1 - PROBABILITY_FLOOR)
+            result.scores[test] = p
+            result.auc.append(float(roc_auc_score(labels[test], p)))
+            result.jsd.append(jensen_shannon_divergence(labels[test], p))
+            result.iterations.append(int(model.n_iter_))
+            for g, key in eligible:
+                mask = group[test] == g
+                result.auc_per_energy[key].append(float(roc_auc_score(labels[test][mask], p[mask])))
+            bar.update()
+    return result
+
+
 def run_strong_test(kind: str, reference: tuple[np.ndarray, np.ndarray], generated: tuple[np.ndarray, np.ndarray],
                     binning: Binning, settings: StrongClassifierSettings | None = None,
                     seed: int = 42) -> ClassifierResult:
@@ -213,56 +270,22 @@ def run_strong_test(kind: str, reference: tuple[np.ndarray, np.ndarray], generat
     settings = settings or StrongClassifierSettings()
     if kind not in KINDS:
         raise ConfigError(f"unknown classifier input kind {kind!r}: use one of {', '.join(KINDS)}")
-    ref_energies, ref_showers = check_showers(*reference, binning, "reference")
-    gen_energies, gen_showers = check_showers(*generated, binning, "generated")
-    rng = np.random.default_rng(seed)
-    n_inputs = strong_inputs(kind, ref_energies[:1], ref_showers[:1], binning).shape[1]
-    n_per_class = settings.showers_per_class(min(len(ref_energies), len(gen_energies)), n_inputs)
-    if n_per_class < settings.n_folds * 5:
-        raise ConfigError(f"{n_per_class} showers per class are too few for a {settings.n_folds}-fold classifier "
-                          "test; give more showers")
-    ref_keep = np.sort(rng.permutation(len(ref_energies))[:n_per_class])
-    gen_keep = np.sort(rng.permutation(len(gen_energies))[:n_per_class])
-    energies = np.concatenate([ref_energies[ref_keep], gen_energies[gen_keep]])
-    inputs = np.concatenate([strong_inputs(kind, ref_energies[ref_keep], ref_showers[ref_keep], binning),
-                             strong_inputs(kind, gen_energies[gen_keep], gen_showers[gen_keep], binning)])
-    labels = np.concatenate([np.ones(n_per_class), np.zeros(n_per_class)])
+    inputs, labels, energies, n_per_class = _balanced_inputs(kind, reference, generated, binning, settings, seed)
     keys, group = energy_groups(energies, settings.energy_bins)
-
-    ref_group, gen_group = group[:n_per_class], group[n_per_class:]
-    counts = {key: min(int(np.count_nonzero(ref_group == g)), int(np.count_nonzero(gen_group == g)))
+    counts = {key: min(int(np.count_nonzero(group[:n_per_class] == g)), int(np.count_nonzero(group[n_per_class:] == g)))
               for g, key in enumerate(keys)}
     # An AUC per energy needs both classes in every test fold.
     eligible = [(g, key) for g, key in enumerate(keys)
                 if counts[key] >= max(settings.min_showers_per_energy, settings.n_folds)]
+    fit = _cross_fit(kind, inputs, labels, group, eligible, settings, seed)
 
-    scores = np.empty(len(labels))
-    fold_auc, fold_jsd, iterations = [], [], []
-    fold_energy_auc: dict[str, list[float]] = {key: [] for _, key in eligible}
-    # Stratify on (class, energy group): every fold sees every energy in both classes.
-    strata = group * 2 + labels.astype(np.int64)
-    folds = StratifiedKFold(n_splits=settings.n_folds, shuffle=True, random_state=seed)
-    with threadpool_limits(limits=settings.max_threads, user_api="openmp"), \
-            ProgressBar(settings.n_folds, desc=f"classifier {kind} (strong)", unit="fold") as bar:
-        for fold, (train, test) in enumerate(folds.split(inputs, strata)):
-            model = _make_model(settings, seed + fold).fit(inputs[train], labels[train])
-            p = np.clip(model.predict_proba(inputs[test])[:, 1], PROBABILITY_FLOOR, 1 - PROBABILITY_FLOOR)
-            scores[test] = p
-            fold_auc.append(float(roc_auc_score(labels[test], p)))
-            fold_jsd.append(jensen_shannon_divergence(labels[test], p))
-            iterations.append(int(model.n_iter_))
-            for g, key in eligible:
-                mask = group[test] == g
-                fold_energy_auc[key].append(float(roc_auc_score(labels[test][mask], p[mask])))
-            bar.update()
-
-    auc, auc_error = _mean_and_error(fold_auc)
+    auc, auc_error = _mean_and_error(fit.auc)
     per_energy, per_energy_error = {}, {}
     for _, key in eligible:
-        per_energy[key], per_energy_error[key] = _mean_and_error(fold_energy_auc[key])
-    fpr, tpr, _ = roc_curve(labels, scores)
-    return ClassifierResult(kind=kind, auc=auc, jsd=float(np.mean(fold_jsd)), setting=settings.name,
-                            fpr=fpr, tpr=tpr, best_epoch=int(round(float(np.mean(iterations)))),
+        per_energy[key], per_energy_error[key] = _mean_and_error(fit.auc_per_energy[key])
+    fpr, tpr, _ = roc_curve(labels, fit.scores)
+    return ClassifierResult(kind=kind, auc=auc, jsd=float(np.mean(fit.jsd)), setting=settings.name,
+                            fpr=fpr, tpr=tpr, best_epoch=int(round(float(np.mean(fit.iterations)))),
                             auc_error=auc_error, auc_per_energy=per_energy, auc_per_energy_error=per_energy_error,
                             n_per_energy={key: counts[key] for _, key in eligible}, n_per_class=n_per_class,
                             n_folds=settings.n_folds)
