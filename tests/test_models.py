@@ -422,10 +422,26 @@ def test_quanta_bins_are_bucketize_bit_for_bit():
 
 
 def test_poisson_quantile_is_the_exact_poisson_inverse_cdf():
+    """Exact draws by inverse CDF: scipy's Poisson quantile, for many draws (searched eagerly) and
+    few (staged, as in a traced graph), at the extremes of the rate and of float32 uniforms."""
     from scipy.stats import poisson
 
     generator = torch.Generator().manual_seed(0)
-    rate = torch.cat([torch.rand(40_000, generator=generator) * 10, torch.tensor([0.0, 1e-30, 9.999])])
-    uniform = torch.cat([torch.rand(40_000, generator=generator), torch.tensor([0.5, 0.999, 1 - 2**-24])])
-    counts = poisson_quantile(rate, uniform)
-    assert np.array_equal(counts.numpy(), poisson.ppf(uniform.double().numpy(), rate.double().numpy()))
+    for n in (40_000, 500):
+        rate = torch.cat([torch.rand(n, generator=generator) * 10, torch.tensor([0.0, 1e-30, 9.999])])
+        uniform = torch.cat([torch.rand(n, generator=generator), torch.tensor([0.5, 0.999, 1 - 2**-24])])
+        counts = poisson_quantile(rate, uniform)
+        assert np.array_equal(counts.numpy(), poisson.ppf(uniform.double().numpy(), rate.double().numpy()))
+
+
+def test_poisson_search_and_stages_agree():
+    from caloman.models.voxel_noise import _counts_by_search, _counts_in_stages
+
+    generator = torch.Generator().manual_seed(1)
+    rate = torch.rand(100_000, generator=generator, dtype=torch.float64) * 10
+    uniform = torch.rand(100_000, generator=generator, dtype=torch.float64)
+    zero = torch.exp(-rate)
+    cdf = zero * (1 + rate)
+    more = cdf < uniform
+    args = (rate[more], uniform[more], (zero * rate)[more], cdf[more])
+    assert len(args[0]) > 50_000 and torch.equal(_counts_by_search(*args), _counts_in_stages(*args))
