@@ -81,6 +81,26 @@ def test_samples_are_physical_showers(kind, showers):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_sample_is_sample_from_noise_with_drawn_noise(kind, showers):
+    """The contract: sample() draws noise_shape() noise (normal, then uniform) and applies
+    the deterministic map sample_from_noise, which the ONNX export records."""
+    model = fitted(kind, showers)
+    energies = showers[0]
+    shape = model.noise_shape()
+    assert shape.normal == sum(b.size for b in shape.blocks if b.distribution == "normal")
+    incident = torch.as_tensor(energies[::3], dtype=torch.float32)
+    with torch.inference_mode():
+        torch.manual_seed(5)
+        sampled = model.sample(incident)
+        torch.manual_seed(5)
+        normal, uniform = shape.draw(len(incident))
+        again = model.sample_from_noise(incident, normal, uniform if shape.uniform else None)
+        other = model.sample_from_noise(incident, torch.randn_like(normal), torch.rand_like(uniform))
+    assert torch.equal(sampled, again)  # sample is the noise map applied to drawn noise
+    assert not torch.equal(sampled, other)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_tiny_training_run_saves_loads_and_reproduces_samples(kind, showers, tmp_path):
     incident, voxels = showers
     data = write_showers(tmp_path / "train.h5", incident, voxels, binning=BINNING)
@@ -187,7 +207,8 @@ def test_caloflow_layers_carry_the_sampled_energies(showers):
     layers = model.layers
     torch.manual_seed(2)
     with torch.inference_mode():
-        energies, before = model.sample_unthresholded(torch.as_tensor(incident[::10]))
+        e = torch.as_tensor(incident[::10])
+        energies, before = model.sample_unthresholded(e, torch.randn(len(e), model.noise_shape().normal))
     # Flow I's u-variables: non-negative layers summing to u_0 s E_inc <= s E_inc.
     assert (energies >= 0).all()
     assert torch.all(energies.sum(1) <= float(model.energy_u0_scale) * torch.as_tensor(incident[::10]) * (1 + 1e-9))

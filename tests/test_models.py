@@ -11,6 +11,7 @@ from caloman.models.autoencoders import LayerSoftmax, build_autoencoder, mmd_imq
 from caloman.models.caloman import CaloManConfig, CaloManModel
 from caloman.models.flows import NUMPY_MAX_BATCH, ConditionalFlow
 from caloman.models.layer_energy import LayerEnergyModel
+from caloman.models.voxel_noise import QUANTA_BIN_EDGES, log10_bins, poisson_quantile, quanta_bins
 
 torch.set_num_threads(1)
 
@@ -357,7 +358,7 @@ def test_voxel_noise_has_poisson_moments():
     model.voxel_quanta.copy_(torch.tensor([2.0, 0.0]))
     showers = torch.tensor([[1.0, 1.0, 1.0, 100.0, 100.0, 100.0, 5.0, 5.0, 5.0]]).repeat(20_000, 1)
     torch.manual_seed(0)
-    noisy = model._poisson(showers)
+    noisy = model._poisson(showers, torch.randn_like(showers), torch.rand_like(showers))
     low, high = noisy[:, :3].flatten(), noisy[:, 3:6].flatten()
     assert low.mean().item() == pytest.approx(1.0, rel=0.02) and low.var().item() == pytest.approx(2.0, rel=0.03)
     assert (low == 0).float().mean().item() == pytest.approx(math.exp(-0.5), abs=0.01)
@@ -390,8 +391,57 @@ def test_poisson_noise_uses_the_quanta_table_when_fitted():
     n_voxels = model.n_voxels
     showers = torch.full((4000, n_voxels), 0.5)
     model.voxel_quanta.fill_(2.0)
-    per_layer = (model._poisson(showers) > 0).double().mean().item()
+    noise = torch.randn_like(showers), torch.rand_like(showers)
+    per_layer = (model._poisson(showers, *noise) > 0).double().mean().item()
     assert per_layer == pytest.approx(1 - np.exp(-0.25), abs=0.01)
     model.voxel_quanta_table.fill_(0.5)  # a finer table takes precedence
-    per_ring = (model._poisson(showers) > 0).double().mean().item()
+    per_ring = (model._poisson(showers, *noise) > 0).double().mean().item()
     assert per_ring == pytest.approx(1 - np.exp(-1.0), abs=0.01)
+
+
+def test_caloman_noise_layout():
+    model = build_model("caloman", "ds1-photons", overrides=TINY)
+    shape = model.noise_shape()
+    assert shape.offsets() == {"layer_energies": slice(0, 5), "latent": slice(5, 7), "voxels": slice(7, 375)}
+    assert shape.offsets("uniform") == {"voxels": slice(0, 368)}
+    smooth = build_model("caloman", "ds1-photons", overrides={**TINY, "voxel_noise": "none"}).noise_shape()
+    assert (smooth.normal, smooth.uniform) == (7, 0)
+
+
+def test_quanta_bins_are_bucketize_bit_for_bit():
+    """The closed-form bins (an ONNX graph has no bucketize) equal bucketize's, edges and their
+    neighbouring floats included, in float32 and float64."""
+    for dtype in (torch.float32, torch.float64):
+        edges = QUANTA_BIN_EDGES.to(dtype)
+        neighbours = [torch.nextafter(edges, torch.tensor(t, dtype=dtype)) for t in (-10.0, 10.0)]
+        tiny = torch.tensor([0.0, 1e-300 if dtype == torch.float64 else 1e-44, -1e-44, 40.0, -50.0], dtype=dtype)
+        log_e = torch.cat([edges, *neighbours, torch.rand(20_000, dtype=dtype) * 14 - 5, tiny])
+        assert torch.equal(log10_bins(log_e), torch.bucketize(log_e, edges))
+    energies = torch.tensor([0.0, 1e-40, 1e-3, 1.0, 3e38])
+    assert torch.equal(quanta_bins(energies), torch.bucketize(energies.clamp_min(1e-30).log10(), edges.float()))
+
+
+def test_poisson_quantile_is_the_exact_poisson_inverse_cdf():
+    """Exact draws by inverse CDF: scipy's Poisson quantile, for many draws (searched eagerly) and
+    few (staged, as in a traced graph), at the extremes of the rate and of float32 uniforms."""
+    from scipy.stats import poisson
+
+    generator = torch.Generator().manual_seed(0)
+    for n in (40_000, 500):
+        rate = torch.cat([torch.rand(n, generator=generator) * 10, torch.tensor([0.0, 1e-30, 9.999])])
+        uniform = torch.cat([torch.rand(n, generator=generator), torch.tensor([0.5, 0.999, 1 - 2**-24])])
+        counts = poisson_quantile(rate, uniform)
+        assert np.array_equal(counts.numpy(), poisson.ppf(uniform.double().numpy(), rate.double().numpy()))
+
+
+def test_poisson_search_and_stages_agree():
+    from caloman.models.voxel_noise import _counts_by_search, _counts_in_stages
+
+    generator = torch.Generator().manual_seed(1)
+    rate = torch.rand(100_000, generator=generator, dtype=torch.float64) * 10
+    uniform = torch.rand(100_000, generator=generator, dtype=torch.float64)
+    zero = torch.exp(-rate)
+    cdf = zero * (1 + rate)
+    more = cdf < uniform
+    args = (rate[more], uniform[more], (zero * rate)[more], cdf[more])
+    assert len(args[0]) > 50_000 and torch.equal(_counts_by_search(*args), _counts_in_stages(*args))

@@ -20,7 +20,7 @@ from torch import nn
 
 from caloman.errors import ConfigError, RunDirectoryError, TrainingDivergedError
 from caloman.geometry import load_binning
-from caloman.models.base import ShowerModel, Stage
+from caloman.models.base import NoiseBlock, NoiseShape, ShowerModel, Stage
 from caloman.training import (
     TrainingConfig,
     TrainingHistory,
@@ -83,8 +83,11 @@ class DummyModel(ShowerModel):
         return [Stage("voxels", self.voxels, lambda e, x: (torch.log(x + EPS),), lambda b: self.voxels.nll(b[0])),
                 Stage("mlp", self.mlp, mlp_data, mlp_loss)]
 
-    def sample(self, incident_energies):
-        z = self.mlp(self._condition(incident_energies)) + 0.1 * torch.randn(len(incident_energies), self.n_voxels)
+    def noise_shape(self):
+        return NoiseShape((NoiseBlock("voxels", self.n_voxels),))
+
+    def sample_from_noise(self, incident_energies, normal, uniform=None):
+        z = self.mlp(self._condition(incident_energies)) + 0.1 * normal
         return (torch.exp(self.voxels.mu + torch.exp(self.voxels.log_sigma) * z) - EPS).clamp_min(0)
 
     def config_dict(self):
@@ -260,7 +263,10 @@ def test_early_stopping_restores_best_epoch_weights(tmp_path):
 
             return [Stage("walk", self.step, lambda e, x: (e,), loss)]
 
-        def sample(self, incident_energies):
+        def noise_shape(self):
+            return NoiseShape(())
+
+        def sample_from_noise(self, incident_energies, normal, uniform=None):
             return torch.zeros(len(incident_energies), 1)
 
     model = Walker()

@@ -12,6 +12,11 @@ layer energies and for a 35-dimensional latent space, a decoder of three
 components with random weights. Its times are a yardstick, not a claim about
 the authors' code.
 
+Every model that exports (:mod:`caloman.export`) is also timed as an ONNX graph
+with ONNX Runtime in the same run, at the same batch sizes, on the CPU with the
+same thread count (and on the GPU when onnxruntime has the CUDA provider), noise
+drawn with numpy inside each timed call.
+
 Fidelity comes from :mod:`caloman.evaluation` on held-out showers, with the
 strong classifier test (per incident energy) by default; every AUC is labelled
 with its setting.
@@ -70,6 +75,7 @@ class BenchmarkConfig:
         seed: seeds the built-in data, training and generation.
         classifier: "strong" (default), "full", "quick" or "none" for the fidelity evaluation.
         reference_sampler: also time the re-built authors' sampler architecture.
+        onnx: also time each model's ONNX export with ONNX Runtime (needs ``caloman[export]``).
         min_seconds: each batch size is timed for at least this long (after warm-up).
     """
 
@@ -81,6 +87,7 @@ class BenchmarkConfig:
     seed: int = 0
     classifier: str = "strong"
     reference_sampler: bool = True
+    onnx: bool = True
     min_seconds: float = 2.0
 
     def __post_init__(self) -> None:
@@ -169,6 +176,38 @@ def available_devices() -> list[str]:
     return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
 
 
+def time_onnx(loaded: Any, energies: np.ndarray, config: BenchmarkConfig, path: Path
+              ) -> tuple[list[Timing], str | None]:
+    """Export a loaded run to ``path`` and time it with ONNX Runtime at every batch size of
+    ``config``, on the CPU with ``config.threads`` intra-op threads (one inter-op thread,
+    sequential execution) and on CUDA when onnxruntime offers it. Returns the timings and,
+    when there are none, why (the model refuses export, or onnxruntime is missing)."""
+    from caloman.errors import CalomanError
+    from caloman.export import export_onnx
+    from caloman.export.runtime import OnnxSampler
+    from caloman.export.runtime import available_devices as onnx_devices
+    from caloman.progress import progress
+
+    try:
+        result = export_onnx(loaded, path, seed=config.seed)
+        devices = onnx_devices()
+    except CalomanError as exc:
+        return [], str(exc)
+    noise = result.sidecar["noise"]
+    timings = []
+    for device in devices:
+        sampler = OnnxSampler(path, noise["normal"], noise["uniform"], threads=config.threads, device=device,
+                              seed=config.seed)
+
+        def sample(incident_energies: Tensor, sampler: OnnxSampler = sampler) -> Tensor:
+            return torch.from_numpy(sampler(incident_energies.numpy()))
+
+        for batch_size in progress(config.batch_sizes, desc=f"timing onnxruntime on {device}"):
+            timing = time_sampler(sample, energies, batch_size, min_seconds=config.min_seconds)
+            timings.append(dataclasses.replace(timing, device=device, threads=config.threads))
+    return timings, None
+
+
 def count_parameters(module: nn.Module) -> int:
     return int(sum(p.numel() for p in module.parameters()))
 
@@ -235,6 +274,8 @@ class ModelResult:
     training_peak_rss_mib: float | None
     timings: list[Timing]
     evaluation: dict[str, Any] = field(default_factory=dict)
+    onnx_timings: list[Timing] = field(default_factory=list)
+    onnx_note: str | None = None
 
 
 def simulate_builtin_data(out_dir: Path, binning: Binning, config: BenchmarkConfig) -> tuple[Path, Path, float]:
@@ -301,6 +342,10 @@ def run_benchmark(out_dir: str | Path, config: BenchmarkConfig, *, run_dirs: dic
             model.to(device)
             timings += time_model(model.sample, ref_energies, config, [device])
         model.to("cpu")
+        onnx_timings, onnx_note = [], "not timed (--no-onnx)"
+        if config.onnx:
+            logger.info("timing %s with ONNX Runtime", kind)
+            onnx_timings, onnx_note = time_onnx(loaded, ref_energies, config, out_dir / "onnx" / f"{kind}.onnx")
 
         logger.info("generating %d showers with %s for the evaluation", len(ref_energies), kind)
         generated = np.concatenate(list(generate(model, ref_energies, batch_size=10_000, seed=config.seed,
@@ -310,7 +355,8 @@ def run_benchmark(out_dir: str | Path, config: BenchmarkConfig, *, run_dirs: dic
                                   EvaluationConfig(classifier=config.classifier, seed=config.seed))
         results.append(ModelResult(model=kind, run_dir=str(run_dir), parameters=count_parameters(model),
                                    training_seconds=train_s, training_peak_rss_mib=max(peaks) if peaks else None,
-                                   timings=timings, evaluation=metrics))
+                                   timings=timings, evaluation=metrics, onnx_timings=onnx_timings,
+                                   onnx_note=onnx_note))
 
     reference_timings: list[Timing] = []
     if config.reference_sampler:
@@ -395,6 +441,27 @@ def _worst_energy_cell(result: dict[str, Any]) -> str:
     return f"{per_energy[key]:.3f} ({float(key) / 1e3:.4g} GeV)"
 
 
+def _onnx_lines(models: list[dict[str, Any]], cfg: dict[str, Any], header: list[str],
+                keys: list[tuple[str, int]]) -> list[str]:
+    """The ONNX Runtime settings, its time relative to PyTorch's, and why a model has no such row."""
+    lines = []
+    timed = [m for m in models if m.get("onnx_timings")]
+    if timed:
+        lines += ["", f"ONNX Runtime rows: the run exported with `caloman export`, timed in this process with "
+                      f"intra_op_num_threads = {cfg['threads']}, inter_op_num_threads = 1, sequential execution, all "
+                      "graph optimisations; noise drawn with numpy inside each timed call. ONNX Runtime's time "
+                      "divided by PyTorch's (below 1 = faster):", ""]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for m in timed:
+            torch_t, onnx_t = _timing_lookup(m["timings"]), _timing_lookup(m["onnx_timings"])
+            cells = [_fmt(onnx_t[k] / torch_t[k], ".2f") if k in onnx_t and k in torch_t else "n/a" for k in keys]
+            lines.append("| " + " | ".join([m["model"]] + cells) + " |")
+    for m in models:
+        if not m.get("onnx_timings") and m.get("onnx_note"):
+            lines += ["", f"No ONNX Runtime row for {m['model']}: {m['onnx_note']}"]
+    return lines
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """The benchmark table(s) as markdown."""
     from caloman.evaluation import classifier_summary_lines
@@ -407,18 +474,23 @@ def render_markdown(report: dict[str, Any]) -> str:
              + (f", GPU {machine['gpu']}" if machine.get("gpu") else ", no GPU") + ".", "",
              f"Command: `{report['command']}`", ""]
     ref = _timing_lookup(report["reference_sampler"])
-    devices = sorted({t["device"] for m in report["models"] for t in m["timings"]})
+    devices = sorted({t["device"] for m in report["models"] for t in (*m["timings"], *m.get("onnx_timings", []))})
     batch_sizes = cfg["batch_sizes"]
 
     lines += ["## Generation time (ms per shower, incl. post-processing to MeV)", ""]
     header = ["model"] + [f"{d} batch {b:,}" for d in devices for b in batch_sizes]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    rows = [(m["model"], _timing_lookup(m["timings"])) for m in report["models"]]
+    rows = []
+    for m in report["models"]:
+        rows.append((m["model"], _timing_lookup(m["timings"])))
+        if m.get("onnx_timings"):
+            rows.append((f"{m['model']} (ONNX Runtime)", _timing_lookup(m["onnx_timings"])))
     if ref:
         rows.append(("reference sampler (authors' architecture, random weights)", ref))
     for name, table in rows:
         lines.append("| " + " | ".join([name] + [_fmt(table.get((d, b))) for d in devices for b in batch_sizes]) + " |")
     keys = [(d, b) for d in devices for b in batch_sizes]
+    lines += _onnx_lines(report["models"], cfg, header, keys)
     if ref:
         lines += ["", "Ratio to the reference sampler measured in the same run (below 1 = faster):", ""]
         lines += _ratio_table(report["models"], ref, header, keys)

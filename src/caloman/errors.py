@@ -40,3 +40,7 @@ class TrainingDivergedError(CalomanError):
 
 class ConfigError(CalomanError):
     """A configuration file or option is invalid."""
+
+
+class ExportError(CalomanError):
+    """A trained model cannot be exported as asked (or the export packages are missing)."""

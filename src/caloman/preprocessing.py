@@ -55,14 +55,25 @@ def _ops(x: Array) -> SimpleNamespace:
             log=torch.log, exp=torch.exp, sigmoid=torch.sigmoid, where=torch.where,
             flip=lambda a: torch.flip(a, dims=(-1,)),
             cat=lambda parts: torch.cat(parts, dim=-1),
-            ones_like=torch.ones_like,
+            ones_like=torch.ones_like, cumprod=_cumprod_last,
         )
     return SimpleNamespace(
         log=np.log, exp=np.exp, sigmoid=lambda a: 0.5 * (1 + np.tanh(0.5 * a)), where=np.where,
         flip=lambda a: a[..., ::-1],
         cat=lambda parts: np.concatenate(parts, axis=-1),
-        ones_like=np.ones_like,
+        ones_like=np.ones_like, cumprod=lambda a: a.cumprod(-1),
     )
+
+
+def _cumprod_last(a: torch.Tensor) -> torch.Tensor:
+    """Cumulative product over the last axis; traced (ONNX has no cumprod) as the same
+    sequence of multiplications, column by column."""
+    if not torch.jit.is_tracing():
+        return a.cumprod(-1)
+    columns = [a[..., :1]]
+    for i in range(1, a.shape[-1]):
+        columns.append(columns[-1] * a[..., i:i + 1])
+    return torch.cat(columns, dim=-1)
 
 
 def _column(x: Array) -> Array:
@@ -202,6 +213,9 @@ class LayerNormalisation:
 
     def layer_energies(self, showers: Array) -> Array:
         """Voxels (n, V) -> layer energies (n, n_layers), in one segment sum."""
+        if isinstance(showers, torch.Tensor) and torch.jit.is_tracing():
+            # A traced graph (ONNX) sums slices: torch's exporter mistranslates index_add.
+            return torch.stack([showers[:, s].sum(-1) for s in self.slices], dim=-1)
         if isinstance(showers, torch.Tensor):
             return showers.new_zeros(showers.shape[0], self.n_layers).index_add(1, self._index(showers), showers)
         return np.add.reduceat(showers, self.starts, axis=-1)
@@ -277,7 +291,7 @@ class LayerEnergyEncoding:
         ops = _ops(u)
         deposited = u[..., :1] * self.u0_scale * _column(incident_energies)
         # Fraction of E_dep left before layer i: prod_{j<i} (1 - u_j), j >= 1.
-        left = ops.cat([ops.ones_like(u[..., :1]), (1 - u[..., 1:]).cumprod(-1)])
+        left = ops.cat([ops.ones_like(u[..., :1]), ops.cumprod(1 - u[..., 1:])])
         share = ops.cat([u[..., 1:], ops.ones_like(u[..., :1])])
         return deposited * left * share
 

@@ -22,6 +22,7 @@ COMMANDS = {
     "dimension": "dimension",
     "train": "train",
     "generate": "generate",
+    "export": "export",
     "benchmark": "benchmark",
     "demo": "demo",
     "sensitivity": "sensitivity",

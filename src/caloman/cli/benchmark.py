@@ -13,7 +13,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "benchmark", help="time generation, training and memory; evaluate fidelity; write a markdown table",
         description="Train (or load with --run) each model on built-in dataset-1 photon showers (or --data), "
                     "time generation per shower at batch 1, 100 and 10,000 on the CPU (and the GPU when one is "
-                    "available) including post-processing to MeV, time a re-built reference sampler with the "
+                    "available) including post-processing to MeV, with PyTorch and, exported to ONNX, with ONNX "
+                    "Runtime, time a re-built reference sampler with the "
                     "authors' architecture in the same run, evaluate on held-out showers, and write "
                     "OUT/benchmark.md and OUT/benchmark.json.")
     parser.add_argument("--out", type=Path, default=Path("results/benchmark"), metavar="DIR",
@@ -31,6 +32,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--batch-sizes", default="1,100,10000", help="comma-separated (default 1,100,10000)")
     parser.add_argument("--no-reference-sampler", action="store_true",
                         help="skip timing the re-built authors' sampler architecture")
+    parser.add_argument("--no-onnx", action="store_true",
+                        help="skip exporting each model to ONNX and timing it with ONNX Runtime")
     parser.set_defaults(func=run)
     return parser
 
@@ -49,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}") from exc
     config = BenchmarkConfig(profile=args.profile, models=models, batch_sizes=batch_sizes, threads=args.threads,
                              seed=args.seed, classifier=args.classifier,
-                             reference_sampler=not args.no_reference_sampler)
+                             reference_sampler=not args.no_reference_sampler, onnx=not args.no_onnx)
     report = run_benchmark(args.out, config, run_dirs={models[0]: args.run} if args.run else None,
                            train_file=args.data, reference_file=args.reference)
     print(f"benchmark: {Path(args.out) / 'benchmark.md'} ({report['seconds']:.0f} s)")

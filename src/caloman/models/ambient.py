@@ -31,7 +31,7 @@ from torch import Tensor
 
 from caloman.errors import ConfigError
 from caloman.geometry import Binning
-from caloman.models.base import ShowerModel, Stage
+from caloman.models.base import NoiseBlock, NoiseShape, ShowerModel, Stage
 from caloman.models.caloflow import (
     incident_condition,
     noise_level_mev,
@@ -186,10 +186,14 @@ class AmbientFlowModel(ShowerModel):
         return -self.flow.log_prob(features.float(), condition).mean()
 
     # -- generation ---------------------------------------------------------------------------
-    def sample(self, incident_energies: Tensor) -> Tensor:
+    def noise_shape(self) -> NoiseShape:
+        """One standard normal per voxel: the flow's base sample."""
+        return NoiseShape((NoiseBlock("voxels", self.n_voxels),))
+
+    def sample_from_noise(self, incident_energies: Tensor, normal: Tensor, uniform: Tensor | None = None) -> Tensor:
         dtype = next(self.flow.parameters()).dtype
         e = incident_energies.reshape(-1).double()
-        features = self.flow.sample(incident_condition(e).to(dtype))
+        features = self.flow.transform_inverse(normal.to(dtype), incident_condition(e).to(dtype))
         showers = self.to_showers(e, features)
         if self.config.output_threshold:
             showers = apply_threshold(showers, self.threshold)

@@ -83,6 +83,9 @@ class LayerSoftmax(nn.Module):
     def forward(self, logits: Tensor) -> Tensor:
         if self.equal:
             return logits.unflatten(-1, (len(self.sizes), self.sizes[0])).softmax(-1).flatten(-2)
+        if torch.jit.is_tracing():
+            # A traced graph (ONNX) gets one softmax per layer: torch's exporter mistranslates index_add.
+            return torch.cat([part.softmax(-1) for part in logits.split(self.sizes, dim=-1)], dim=-1)
         shifted, sums = self._shifted(logits)
         return shifted.exp() / sums[:, self.index]
 

@@ -9,6 +9,12 @@ unpickles anything. Training proceeds stage by stage (for CaloMan: the
 layer-energy model, the autoencoder, then the latent flow); a later stage's
 data may depend on earlier trained stages (the latent flow trains on codes from
 the trained encoder), so a stage builds its tensors only when it starts.
+
+Sampling is a deterministic map from explicit noise to showers,
+:meth:`ShowerModel.sample_from_noise`, with the noise it needs described by
+:meth:`ShowerModel.noise_shape`; :meth:`ShowerModel.sample` draws that noise
+and applies the map. Export (:mod:`caloman.export`) and anything else that must
+reproduce or steer a sample outside torch's generator use the map directly.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -43,6 +49,54 @@ class Stage:
     module: nn.Module
     make_data: Callable[[Tensor, Tensor], tuple[Tensor, ...]]
     loss: Callable[[tuple[Tensor, ...]], Tensor]
+
+
+@dataclass(frozen=True)
+class NoiseBlock:
+    """A named run of the noise one shower consumes: ``size`` numbers, standard normal
+    (``"normal"``) or uniform on [0, 1) (``"uniform"``)."""
+
+    name: str
+    size: int
+    distribution: Literal["normal", "uniform"] = "normal"
+
+
+@dataclass(frozen=True)
+class NoiseShape:
+    """The noise one shower needs, as consecutive blocks: the normal blocks in order
+    form the ``normal`` tensor of :meth:`ShowerModel.sample_from_noise`, the uniform
+    blocks its ``uniform`` tensor."""
+
+    blocks: tuple[NoiseBlock, ...]
+
+    def _size(self, distribution: str) -> int:
+        return sum(b.size for b in self.blocks if b.distribution == distribution)
+
+    @property
+    def normal(self) -> int:
+        """Standard-normal numbers per shower."""
+        return self._size("normal")
+
+    @property
+    def uniform(self) -> int:
+        """Uniform numbers per shower (0 for a model driven by normal noise alone)."""
+        return self._size("uniform")
+
+    def offsets(self, distribution: Literal["normal", "uniform"] = "normal") -> dict[str, slice]:
+        """Block name -> its columns in the ``normal`` (or ``uniform``) tensor."""
+        slices, start = {}, 0
+        for block in self.blocks:
+            if block.distribution == distribution:
+                slices[block.name] = slice(start, start + block.size)
+                start += block.size
+        return slices
+
+    def draw(self, n: int, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+             ) -> tuple[Tensor, Tensor]:
+        """Noise for n showers from torch's global generator: normal (n, normal) and
+        uniform (n, uniform)."""
+        normal = torch.randn(n, self.normal, device=device, dtype=dtype)
+        return normal, torch.rand(n, self.uniform, device=device, dtype=dtype)
 
 
 class ShowerModel(nn.Module, ABC):
@@ -77,9 +131,31 @@ class ShowerModel(nn.Module, ABC):
         """The training stages, in the order they are trained."""
 
     @abstractmethod
+    def noise_shape(self) -> NoiseShape:
+        """The noise one shower consumes in :meth:`sample_from_noise`."""
+
+    @abstractmethod
+    def sample_from_noise(self, incident_energies: Tensor, normal: Tensor, uniform: Tensor | None = None) -> Tensor:
+        """Showers (n, n_voxels) in MeV, non-negative, for incident energies (n,) in MeV,
+        as a deterministic function of the noise: ``normal`` (n, noise_shape().normal)
+        standard-normal and ``uniform`` (n, noise_shape().uniform) uniform numbers on
+        [0, 1) (None when the shape has none). The same noise gives the same showers;
+        traceable (no data-dependent Python control flow when ``torch.jit.is_tracing()``)
+        so that :mod:`caloman.export` can record it as a static graph."""
+
     def sample(self, incident_energies: Tensor) -> Tensor:
         """Generate showers (n, n_voxels) in MeV, non-negative, for incident
-        energies (n,) in MeV. Called under ``torch.inference_mode()``."""
+        energies (n,) in MeV, with noise from torch's global generator (normal first,
+        then uniform). Called under ``torch.inference_mode()``."""
+        dtype = next((p.dtype for p in self.parameters()), torch.float32)
+        normal, uniform = self.noise_shape().draw(len(incident_energies), device=incident_energies.device,
+                                                  dtype=dtype)
+        return self.sample_from_noise(incident_energies, normal, uniform if uniform.shape[1] else None)
+
+    def export_refusal(self) -> str | None:
+        """Why :meth:`sample_from_noise` cannot be recorded as a static graph (a sentence
+        saying what to do instead), or None when it can."""
+        return None
 
     def config_dict(self) -> dict[str, Any]:
         """JSON-able configuration sufficient to rebuild an untrained twin."""

@@ -54,7 +54,7 @@ from torch import Tensor, nn
 
 from caloman.errors import ConfigError
 from caloman.geometry import Binning
-from caloman.models.base import ShowerModel, Stage
+from caloman.models.base import NoiseBlock, NoiseShape, ShowerModel, Stage
 from caloman.models.config import ModelConfig, check_flow_sizes
 from caloman.models.flows import ConditionalFlow, rqs_inverse
 from caloman.models.layer_energy import LOGIT_BOUND, LayerEnergyModel
@@ -74,6 +74,10 @@ LAYER_OFFSET_MEV = 1e-3
 
 #: Showers per chunk when a stage's data is built from a whole split.
 _CHUNK = 4096
+#: Most sequential Flow II network passes (n_voxels x transforms) an ONNX export unrolls. Measured
+#: (2026-12-02, 2-core CPU): 368 x 2 passes with 16-unit MADE blocks took 218 s to export, made a
+#: 14 MB graph that ONNX Runtime needs 35 s to open and runs at 86 ms per shower at batch 1.
+MAX_EXPORTED_MADE_PASSES = 128
 
 
 # -- conditions and noise, shared with the ambient flow ----------------------------------------
@@ -144,17 +148,17 @@ def _made_inverse(layer: nn.Module, y: Tensor, context: Tensor, bound: float) ->
     pre = torch.addmm(biases[0], context.to(y.dtype), first[:, features:].T)  # x = 0 at the start
     out_weight = weights[-1].unflatten(0, (features, layer.total))  # rows grouped per feature
     out_bias = biases[-1].unflatten(0, (features, layer.total))
-    x = torch.zeros_like(y)
+    columns: dict[int, Tensor] = {}
     # Feature i depends on the features of lower order: fix them in increasing order.
     for i in torch.argsort(layer.order).tolist():
         h = torch.relu(pre)
         for weight, bias in zip(weights[1:-1], biases[1:-1]):
             h = torch.relu(torch.addmm(bias, h, weight.T))
         params = torch.addmm(out_bias[i], h, out_weight[i].T)  # (n, 3K - 1)
-        x_i = rqs_inverse(params.unsqueeze(1), y[:, i:i + 1], bound)  # (n, 1)
-        x[:, i:i + 1] = x_i
-        pre = pre + x_i * first[:, i]
-    return x
+        columns[i] = rqs_inverse(params.unsqueeze(1), y[:, i:i + 1], bound)  # (n, 1)
+        pre = pre + columns[i] * first[:, i]
+    # Gathered at the end rather than written in place: a traced graph (ONNX) records it as one concat.
+    return torch.cat([columns[i] for i in range(features)], dim=-1)
 
 
 @dataclass(frozen=True)
@@ -313,20 +317,36 @@ class CaloFlowModel(ShowerModel):
         return -self.shape_flow.log_prob(features.to(condition.dtype), condition).mean()
 
     # -- generation ---------------------------------------------------------------------------
-    def sample_layer_energies(self, incident_energies: Tensor) -> Tensor:
-        """Flow I: layer energies (n, L) in MeV, float64, summing to u_0 s E_inc."""
+    def noise_shape(self) -> NoiseShape:
+        """Standard normals: Flow I's base sample (L), then Flow II's (one per voxel)."""
+        return NoiseShape((NoiseBlock("layer_energies", self.n_layers), NoiseBlock("voxels", self.n_voxels)))
+
+    def export_refusal(self) -> str | None:
+        passes = self.n_voxels * self.config.shape_flow_transforms
+        if passes <= MAX_EXPORTED_MADE_PASSES:
+            return None
+        return (f"CaloFlow's Flow II is a masked autoregressive flow: one shower takes n_voxels x transforms = "
+                f"{self.n_voxels:,} x {self.config.shape_flow_transforms} = {passes:,} network passes in sequence, "
+                f"which a static ONNX graph can hold only unrolled (above {MAX_EXPORTED_MADE_PASSES:,} passes the "
+                "graph takes minutes to build and to open); generate with `caloman generate`, or export CaloMan or "
+                "the ambient flow, whose coupling flows invert in one pass per transform")
+
+    def sample_layer_energies(self, incident_energies: Tensor, noise: Tensor) -> Tensor:
+        """Flow I: layer energies (n, L) in MeV, float64, summing to u_0 s E_inc, from its
+        standard-normal base noise (n, L)."""
         e = incident_energies.reshape(-1).double()
-        encoded = self.layer_energy.sample(incident_condition(e).to(self._dtype()))
+        encoded = self.layer_energy.from_noise(noise.to(self._dtype()), incident_condition(e).to(self._dtype()))
         return self._encoding().inverse(e, encoded.double())
 
-    def sample_unthresholded(self, incident_energies: Tensor) -> tuple[Tensor, Tensor]:
+    def sample_unthresholded(self, incident_energies: Tensor, normal: Tensor) -> tuple[Tensor, Tensor]:
         """Layer energies (n, L) from Flow I and showers (n, V) in MeV from Flow II, each layer
-        renormalised to its sampled energy, before the readout threshold (float64)."""
+        renormalised to its sampled energy, before the readout threshold (float64), from
+        standard-normal noise (n, L + V) laid out as :meth:`noise_shape` says."""
         e = incident_energies.reshape(-1).double()
-        layer_energies = self.sample_layer_energies(e)
+        columns = self.noise_shape().offsets()
+        layer_energies = self.sample_layer_energies(e, normal[:, columns["layer_energies"]])
         condition = self.shape_condition(e, layer_energies).to(self._dtype())
-        noise = torch.randn(len(e), self.n_voxels, dtype=condition.dtype, device=condition.device)
-        y = maf_inverse(self.shape_flow, noise, condition)
+        y = maf_inverse(self.shape_flow, normal[:, columns["voxels"]].to(condition.dtype), condition)
         shapes = inverse_logit(y.double(), self.config.shape_alpha)
         totals = self.layers.to_voxels(self.layers.layer_energies(shapes))
         # A layer whose every voxel was clipped to zero stays empty (its energy cannot be placed).
@@ -345,8 +365,8 @@ class CaloFlowModel(ShowerModel):
         factor = torch.where(totals > 0, layer_energies / totals.clamp_min(1e-300), torch.zeros_like(totals))
         return kept * self.layers.to_voxels(factor)
 
-    def sample(self, incident_energies: Tensor) -> Tensor:
-        layer_energies, showers = self.sample_unthresholded(incident_energies)
+    def sample_from_noise(self, incident_energies: Tensor, normal: Tensor, uniform: Tensor | None = None) -> Tensor:
+        layer_energies, showers = self.sample_unthresholded(incident_energies, normal)
         return self.postprocess(showers, layer_energies).to(self._dtype())
 
     def _dtype(self) -> torch.dtype:

@@ -13,6 +13,10 @@ Generation, for incident energies E (n,) in MeV:
 4. the preprocessing undone to MeV, then optional voxel noise, the readout
    threshold and a per-layer renormalisation to the sampled layer energies.
 
+All randomness is explicit (:meth:`CaloManModel.noise_shape`): standard-normal
+noise for the two flows and the voxel noise, and one uniform per voxel for the
+exact Poisson draws of small rates (:mod:`caloman.models.voxel_noise`).
+
 Training stages, in order: ``layer_energy`` (per-layer only), ``autoencoder``,
 ``latent_flow`` (codes of the trained encoder).
 """
@@ -30,10 +34,11 @@ from torch import Tensor
 from caloman.errors import ConfigError
 from caloman.geometry import Binning
 from caloman.models.autoencoders import AUTOENCODER_KINDS, RECONSTRUCTION_LOSSES, Autoencoder, build_autoencoder
-from caloman.models.base import ShowerModel, Stage
+from caloman.models.base import NoiseBlock, NoiseShape, ShowerModel, Stage
 from caloman.models.config import ModelConfig
 from caloman.models.flows import HYPERNETS, ConditionalFlow
 from caloman.models.layer_energy import LOGIT_BOUND, LayerEnergyModel
+from caloman.models.voxel_noise import QUANTA_BIN_EDGES, poisson_fluctuations, quanta_bins
 from caloman.preprocessing import (
     PREPROCESSINGS,
     PaperPreprocessing,
@@ -53,10 +58,8 @@ PROFILES = ("quick", "full", "paper")
 _LOG_INPUT_EPS = 1e-6
 #: Showers per chunk when a stage's data is built from a whole split.
 _CHUNK = 4096
-#: Voxel-noise rates (x / q) below this are drawn from the exact Poisson distribution.
-_EXACT_POISSON_BELOW = 10.0
 #: log10 of reconstructed voxel energy (MeV): bin edges of the voxel-noise fit.
-_QUANTA_BIN_EDGES = torch.linspace(-3.0, 7.0, 41, dtype=torch.float64)
+_QUANTA_BIN_EDGES = QUANTA_BIN_EDGES
 
 
 def fit_noise_quantum(counts: Tensor, mean_sums: Tensor, square_sums: Tensor, lowest_energy: float = 0.0,
@@ -420,57 +423,68 @@ class CaloManModel(ShowerModel):
         return layer_quanta, table.reshape(self.n_layers * self.n_rings, n_bins)
 
     # -- generation ----------------------------------------------------------------------
-    def sample(self, incident_energies: Tensor) -> Tensor:
+    def noise_shape(self) -> NoiseShape:
+        """Standard normals: the layer-energy flow's (per-layer only), the latent flow's and
+        (Poisson voxel noise) one per voxel; uniforms: one per voxel (Poisson voxel noise)."""
+        blocks = [NoiseBlock("layer_energies", self.n_layers)] if self.per_layer else []
+        blocks.append(NoiseBlock("latent", self.config.latent_dim))
+        if self.config.voxel_noise == "poisson":
+            blocks += [NoiseBlock("voxels", self.n_voxels), NoiseBlock("voxels", self.n_voxels, "uniform")]
+        return NoiseShape(tuple(blocks))
+
+    def sample_from_noise(self, incident_energies: Tensor, normal: Tensor, uniform: Tensor | None = None) -> Tensor:
         incident = incident_energies.reshape(-1).to(self.latent_mean.dtype)
+        normal = normal.to(incident.dtype)
+        columns = self.noise_shape().offsets()
         pipeline = self._pipeline()
         scaled = pipeline.incident.forward(incident).reshape(-1, 1).to(incident.dtype)
         if self.per_layer:
-            encoded = self.layer_energy.sample(scaled)
+            encoded = self.layer_energy.from_noise(normal[:, columns["layer_energies"]], scaled)
             condition = torch.cat((scaled, encoded / LOGIT_BOUND), dim=-1)
         else:
             encoded, condition = None, scaled
-        codes = self.latent_flow.sample(condition) * self.latent_std + self.latent_mean
-        decoded = self.autoencoder.decode(codes, self._ae_context(condition))
-        return self._to_showers(pipeline, incident, decoded, encoded, sample_noise=True)
+        codes = self.latent_flow.transform_inverse(normal[:, columns["latent"]], condition)
+        decoded = self.autoencoder.decode(codes * self.latent_std + self.latent_mean, self._ae_context(condition))
+        voxel_noise = (normal[:, columns["voxels"]], uniform) if "voxels" in columns else None
+        return self._to_showers(pipeline, incident, decoded, encoded, voxel_noise=voxel_noise)
 
     def _to_showers(self, pipeline: Any, incident: Tensor, decoded: Tensor, encoded: Tensor | None, *,
-                    sample_noise: bool, postprocess: bool = True) -> Tensor:
-        """Decoded features -> showers (n, V) in MeV, then (``sample_noise``) the voxel
-        noise and (``postprocess``) the readout threshold."""
-        noisy = sample_noise and self.config.voxel_noise == "poisson"
+                    voxel_noise: tuple[Tensor, Tensor] | None = None, postprocess: bool = True) -> Tensor:
+        """Decoded features -> showers (n, V) in MeV, then the voxel noise driven by
+        ``voxel_noise`` = (normal, uniform) (n, V) each (None: none) and (``postprocess``)
+        the readout threshold."""
+        noisy = voxel_noise is not None
         threshold = postprocess and self.config.output_threshold
         if not self.per_layer:
             showers = pipeline.inverse(incident, decoded)
-            showers = self._poisson(showers) if noisy else showers
+            showers = self._poisson(showers, *voxel_noise) if noisy else showers
             return apply_threshold(showers, self.threshold) if threshold else showers
-        layer_energies = pipeline.energies.inverse(incident, encoded)
+        # Decoded in float64: in float32, rounding of u-variables near 0 or 1 is amplified in the
+        # energies of nearly empty back layers (ONNX Runtime and PyTorch differed there by 3e-4).
+        layer_energies = pipeline.energies.inverse(incident.double(), encoded.double()).to(decoded.dtype)
         showers = pipeline.layers.inverse(decoded, layer_energies)
         if not (noisy or threshold):
             return showers
-        showers = self._poisson(showers) if noisy else showers
+        showers = self._poisson(showers, *voxel_noise) if noisy else showers
         showers = apply_threshold(showers, self.threshold) if threshold else showers
         # Rescale every layer to its sampled energy (a layer left empty stays empty).
         kept = pipeline.layers.layer_energies(showers)
         factor = torch.where(kept > 0, layer_energies / kept.clamp_min(1e-30), torch.zeros_like(kept))
         return showers * pipeline.layers.to_voxels(factor)
 
-    def _poisson(self, showers: Tensor) -> Tensor:
-        """Each voxel x drawn as q Poisson(x / q), q from its (layer, ring, energy) entry of
-        ``voxel_quanta_table`` (or its layer's quantum for a model without the table; q = 0 keeps x).
-
-        Exact Poisson draws cost ~45 ns each (half the batch-10,000 budget), so rates from
-        ``_EXACT_POISSON_BELOW`` up use the rounded normal approximation (skewness < 0.32)."""
+    def _poisson(self, showers: Tensor, normal: Tensor, uniform: Tensor) -> Tensor:
+        """Each voxel x of showers (n, V) drawn as q Poisson(x / q) from the noise (n, V) each
+        (:func:`~caloman.models.voxel_noise.poisson_fluctuations`), q from its (layer, ring,
+        energy) entry of ``voxel_quanta_table`` (or its layer's quantum for a model without
+        the table; q = 0 keeps x)."""
         if bool((self.voxel_quanta_table > 0).any()):
-            edges = _QUANTA_BIN_EDGES.to(showers.device, showers.dtype)
-            bins = torch.bucketize(showers.clamp_min(1e-30).log10(), edges)
-            quanta = self.voxel_quanta_table.to(showers.dtype)[self.voxel_group_index.expand_as(bins), bins]
+            n_bins = self.voxel_quanta_table.shape[1]
+            # One flat gather (ONNX-friendly) instead of indexing with two index tensors.
+            cells = self.voxel_group_index * n_bins + quanta_bins(showers)
+            quanta = self.voxel_quanta_table.to(showers.dtype).flatten()[cells]
         else:
-            quanta = self.voxel_quanta.to(showers.dtype)[self.voxel_layer_index]
-        rate = showers / quanta.clamp_min(1e-12)
-        counts = (rate + rate.sqrt() * torch.randn_like(rate)).round().clamp_min(0)
-        small = rate < _EXACT_POISSON_BELOW
-        counts[small] = torch.poisson(rate[small])
-        return torch.where(quanta > 0, counts * quanta, showers)
+            quanta = self.voxel_quanta.to(showers.dtype)[self.voxel_layer_index].expand_as(showers)
+        return poisson_fluctuations(showers, quanta, normal, uniform)
 
     # -- density and reconstruction -------------------------------------------------------
     def reconstruct(self, incident_energies: Tensor, showers: Tensor) -> Tensor:
@@ -483,7 +497,7 @@ class CaloManModel(ShowerModel):
         features = self._features(incident_energies, showers)
         decoded = self.autoencoder.decode(self._codes(features), self._ae_context(features.condition))
         incident = incident_energies.reshape(-1).to(decoded.dtype)
-        return self._to_showers(self._pipeline(), incident, decoded, features.layer_features, sample_noise=False,
+        return self._to_showers(self._pipeline(), incident, decoded, features.layer_features,
                                 postprocess=postprocess)
 
     def reconstruction_error(self, incident_energies: Tensor, showers: Tensor) -> Tensor:

@@ -176,8 +176,9 @@ class ConditionalFlow(nn.Module):
         if not self.coupling:
             return self.flow.transform(context).inv(z)
         plan = self._plan()
+        # A traced graph (ONNX export) must record torch operations, never the numpy path.
         if (z.shape[0] <= NUMPY_MAX_BATCH and plan.numpy_ok and z.device.type == "cpu"
-                and z.dtype == plan.dtype and not torch.is_grad_enabled()):
+                and z.dtype == plan.dtype and not torch.is_grad_enabled() and not torch.jit.is_tracing()):
             x, c = z.numpy(), context.to(z.dtype).numpy()
             for step in reversed(plan.steps):
                 x = _numpy_coupling_inverse(step, x, c, self.bound)
@@ -186,7 +187,7 @@ class ConditionalFlow(nn.Module):
         for step in reversed(plan.steps):
             idx_a, idx_b, undo = (t.to(z.device) for t in step.indices)
             y_a = x.index_select(-1, idx_a)
-            params = step.layer.hyper(torch.cat((y_a, context), dim=-1)).unflatten(-1, (-1, step.layer.total))
+            params = step.layer.hyper(torch.cat((y_a, context), dim=-1)).reshape(-1, len(idx_b), step.total)
             x_b = rqs_inverse(params, x.index_select(-1, idx_b), self.bound)
             x = torch.cat((y_a, x_b), dim=-1).index_select(-1, undo)
         return x
@@ -273,23 +274,24 @@ def rqs_inverse(params: Tensor, y: Tensor, bound: float, slope: float = SPLINE_S
     """Inverse of zuko's monotonic RQS with unconstrained parameters
     params (n, f, 3K - 1) = [widths K, heights K, derivatives K - 1] at y (n, f).
     Identity outside [-bound, bound]."""
-    n, f, size = params.shape
+    # Sizes other than the batch as plain ints: a traced graph (ONNX) then reshapes by constants.
+    features, size = int(params.shape[1]), int(params.shape[2])
     bins = (size + 1) // 3
     params = params / (1 + (params * params.new_tensor(_soft_clip_scale(bins, slope))).abs())
     # Clipped parameters lie within +-3.5, so the softmax needs no max subtraction.
-    weights = params[..., :2 * bins].unflatten(-1, (2, bins)).exp()
+    weights = params[..., :2 * bins].reshape(-1, features, 2, bins).exp()
     cumulative = torch.nn.functional.pad(weights.cumsum(-1), (1, 0))
     knots = cumulative / cumulative[..., -1:] * (2 * bound) - bound  # (n, f, 2, K + 1): x and y knots
     slopes = torch.nn.functional.pad(params[..., 2 * bins:], (1, 1)).exp()  # (n, f, K + 1)
     table = torch.cat((knots, slopes.unsqueeze(-2)), dim=-2)  # (n, f, 3, K + 1)
 
-    k = (knots[..., 1, :] < y.unsqueeze(-1)).sum(-1, keepdim=True) - 1
-    inside = ((k >= 0) & (k < bins)).squeeze(-1)
+    y = y.unsqueeze(-1)  # (n, f, 1): the solve below runs on one column per feature
+    k = (knots[..., 1, :] < y).sum(-1, keepdim=True) - 1
+    inside = (k >= 0) & (k < bins)
     k = k.clamp(0, bins - 1)
-    picked = table.gather(-1, torch.cat((k, k + 1), dim=-1).unsqueeze(-2).expand(n, f, 3, 2))
-    x0, y0, d0 = picked[..., 0].unbind(-1)
-    x1, y1, d1 = picked[..., 1].unbind(-1)
-    return _rqs_solve(x0, x1, y0, y1, d0, d1, y, inside, torch.where)
+    picked = table.gather(-1, torch.cat((k, k + 1), dim=-1).unsqueeze(-2).expand(-1, -1, 3, -1))
+    x0, x1, y0, y1, d0, d1 = picked.reshape(-1, features, 6).split(1, dim=-1)
+    return _rqs_solve(x0, x1, y0, y1, d0, d1, y, inside, torch.where).reshape(-1, features)
 
 
 def rqs_inverse_numpy(params: np.ndarray, y: np.ndarray, bound: float, slope: float = SPLINE_SLOPE) -> np.ndarray:

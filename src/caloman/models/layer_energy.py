@@ -49,3 +49,7 @@ class LayerEnergyModel(nn.Module):
     def sample(self, condition: Tensor) -> Tensor:
         """Encoded layer energies (n, L), one per row of condition (n, c)."""
         return self.flow.sample(condition)
+
+    def from_noise(self, noise: Tensor, condition: Tensor) -> Tensor:
+        """Encoded layer energies (n, L) for standard-normal base noise (n, L) and condition (n, c)."""
+        return self.flow.transform_inverse(noise, condition)

@@ -1,0 +1,260 @@
+"""ONNX export: the noise-driven sampler contract, the exported graph against the
+PyTorch sampler, the sidecar, the Par04 convention, CaloFlow's refusal, the
+stand-alone example and the CLI, on tiny trained runs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from caloman.cli import main
+from caloman.errors import ExportError
+from caloman.export import export_onnx, onnx_export, par04_voxel_order
+from caloman.export.graph import par04_mesh
+from caloman.export.runtime import OnnxSampler, compare_showers
+from caloman.geometry import load_binning
+from caloman.io import ShowerFile, write_showers
+from caloman.runs import load_run, train_run
+from caloman.simulation import ladder_energies, simulate_showers
+from caloman.training import TrainingConfig
+
+pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+torch.set_num_threads(1)
+
+BINNING = "ds1-photons"
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "onnx_inference.py"
+CALOMAN = {"latent_dim": 2, "hidden": [16], "flow_hidden": [16], "flow_transforms": 2, "layer_flow_hidden": [8],
+           "layer_flow_transforms": 2, "flow_bins": 4, "layer_flow_bins": 4}
+TINY = {
+    "caloman": CALOMAN,
+    "caloman-smooth": {**CALOMAN, "voxel_noise": "none"},
+    "ambient-flow": {"transforms": 2, "hidden": [16], "bins": 4},
+    "caloflow": {"layer_flow_transforms": 2, "layer_flow_hidden": [8], "layer_flow_bins": 4,
+                 "shape_flow_transforms": 2, "shape_flow_hidden": [16], "shape_flow_bins": 4},
+}
+#: Two layers, 4 + 3 voxels: few enough for CaloFlow's autoregressive Flow II to be unrolled.
+SMALL_BINNING_XML = """<Bins>
+  <Bin name="photon" pid="22">
+    <Layer id="0" r_edges="0,5,20" n_bin_alpha="2"/>
+    <Layer id="1" r_edges="0,5,20,50" n_bin_alpha="1"/>
+  </Bin>
+</Bins>
+"""
+
+
+def _train(data: Path, binning, run_dir: Path, name: str):
+    training = TrainingConfig(epochs=2, batch_size=64, patience=0, num_threads=1, seed=1)
+    return train_run(data, binning, run_dir, model_kind=name.removesuffix("-smooth"), training=training,
+                     model_overrides=TINY[name], command_line=["test"])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """Tiny trained runs on 300 simulated dataset-1 photon showers (20 per ladder energy)."""
+    root = tmp_path_factory.mktemp("runs")
+    energies = ladder_energies(20)
+    data = write_showers(root / "train.h5", energies, simulate_showers(BINNING, energies, seed=3), binning=BINNING)
+    return {name: _train(data, BINNING, root / name, name).run_dir
+            for name in ("caloman", "caloman-smooth", "ambient-flow", "caloflow")}
+
+
+@pytest.fixture(scope="module")
+def exports(runs, tmp_path_factory) -> dict[tuple[str, str], Path]:
+    root = tmp_path_factory.mktemp("exports")
+    out = {}
+    for name, convention in (("caloman", "caloman"), ("caloman", "par04"), ("caloman-smooth", "caloman"),
+                             ("ambient-flow", "caloman")):
+        out[name, convention] = export_onnx(runs[name], root / f"{name}-{convention}.onnx",
+                                            convention=convention).onnx_path
+    return out
+
+
+def _noise(model, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Incident energies (n,) log-uniform over the trained range and the model's noise."""
+    generator = torch.Generator().manual_seed(seed)
+    low, high = model.trained_energy_range()
+    energies = torch.exp(torch.empty(n).uniform_(np.log(low), np.log(high), generator=generator))
+    shape = model.noise_shape()
+    return (energies, torch.randn(n, shape.normal, generator=generator),
+            torch.rand(n, shape.uniform, generator=generator))
+
+
+# -- the exported graph against PyTorch ---------------------------------------------------------
+def _compare(runs, exports, name: str, n: int, seed: int):
+    model = load_run(runs[name]).model
+    path = exports[name, "caloman"]
+    shape = model.noise_shape()
+    energies, normal, uniform = _noise(model, n, seed)
+    with torch.inference_mode():
+        expected = model.sample_from_noise(energies, normal, uniform if shape.uniform else None).numpy()
+    got = OnnxSampler(path, shape.normal, shape.uniform).run(energies.numpy(), normal.numpy(), uniform.numpy())
+    return compare_showers(got, expected, model.threshold), got, expected, model
+
+
+@pytest.mark.parametrize("n", [1, 64])
+@pytest.mark.parametrize("name", ["ambient-flow", "caloman-smooth"])
+def test_onnx_matches_pytorch_voxel_by_voxel(runs, exports, name, n):
+    """Without CaloMan's voxel noise every voxel agrees within 1e-4 relative (1e-6 MeV absolute)."""
+    for seed in range(4 if n == 1 else 2):
+        agreement, *_ = _compare(runs, exports, name, n, seed)
+        assert agreement.voxels_off == 0, agreement
+        assert agreement.max_relative_error < 1e-4 and agreement.max_energy_relative_error < 1e-4
+
+
+@pytest.mark.parametrize("n", [1, 64])
+def test_onnx_matches_pytorch_with_voxel_noise(runs, exports, n):
+    """With the Poisson voxel noise the same noise gives the same showers, except where float32
+    rounding moves a voxel's draw across a count boundary: that voxel differs by one quantum and
+    the renormalisation spreads it over its layer. Shower energies still agree within 1e-4."""
+    for seed in range(4 if n == 1 else 2):
+        agreement, got, expected, model = _compare(runs, exports, "caloman", n, seed)
+        assert agreement.max_energy_relative_error < 1e-4, agreement
+        assert agreement.voxels_off <= 0.02 * agreement.voxels, agreement
+        layers = model._pipeline().layers
+        assert np.allclose(layers.layer_energies(got), layers.layer_energies(expected), rtol=1e-4, atol=1e-3)
+
+
+# -- the sidecar and the Par04 convention -------------------------------------------------------
+def test_sidecar_states_binning_range_inputs_outputs_and_version(runs, exports):
+    from caloman import __version__
+    path = exports["caloman", "caloman"]
+    meta = json.loads(path.with_suffix(".json").read_text())
+    model = load_run(runs["caloman"]).model
+    assert meta["format"] == "caloman-onnx/1" and meta["caloman_version"] == __version__
+    assert meta["convention"] == "caloman" and meta["onnx_file"] == path.name
+    assert meta["onnx_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert meta["energy_range_mev"] == pytest.approx(list(model.trained_energy_range()))
+    binning = meta["binning"]
+    assert (binning["name"], binning["n_voxels"], binning["readout_threshold_mev"]) == (BINNING, 368, 1.0)
+    assert binning["xml"] == (Path(__file__).resolve().parents[1] / "src/caloman/binnings/ds1-photons.xml").read_text()
+    assert "(layer, alpha, r)" in binning["voxel_order"]
+    assert meta["noise"]["normal"] == 375 and meta["noise"]["uniform"] == 368
+    assert [(i["name"], i["shape"]) for i in meta["inputs"]] == [
+        ("normal_noise", ["batch", 375]), ("uniform_noise", ["batch", 368]), ("incident_energy", ["batch", 1])]
+    assert [(o["name"], o["shape"], o["unit"]) for o in meta["outputs"]] == [("showers", ["batch", 368], "MeV")]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["normal_noise", "uniform_noise", "incident_energy"]
+    assert [o.name for o in session.get_outputs()] == ["showers"]
+
+
+def test_par04_voxel_order_is_r_phi_z(tmp_path):
+    regular = tmp_path / "regular.xml"
+    regular.write_text('<Bins><Bin name="electron" pid="11">' + "".join(
+        f'<Layer id="{i}" r_edges="0,1,2,3" n_bin_alpha="2"/>' for i in range(4)) + "</Bin></Bins>")
+    binning = load_binning(regular)
+    assert par04_mesh(binning) == (3, 2, 4) and par04_mesh(load_binning(BINNING)) is None
+    order = par04_voxel_order(binning)
+    # CaloChallenge voxel (z, phi, r) sits at z * 6 + phi * 3 + r; Par04 output (r, phi, z) at r * 8 + phi * 4 + z.
+    expected = np.array([z * 6 + phi * 3 + r for r in range(3) for phi in range(2) for z in range(4)])
+    assert np.array_equal(order, expected)
+    assert sorted(par04_voxel_order(load_binning(BINNING))) == list(range(368))
+
+
+def test_par04_convention_is_noise_then_condition_and_voxels_over_energy(runs, exports):
+    path = exports["caloman", "par04"]
+    meta = json.loads(path.with_suffix(".json").read_text())
+    model = load_run(runs["caloman"]).model
+    energies, normal, uniform = _noise(model, 8, seed=3)
+    scale = meta["par04"]["energy_scale_mev"]
+    assert scale == pytest.approx(model.trained_energy_range()[1]) and len(meta["par04"]["condition"]) == 4
+    condition = torch.zeros(8, 4)
+    condition[:, 0] = energies / scale
+    condition[:, 1:] = torch.rand(8, 3)  # angle and geometry one-hot: ignored
+    inputs = torch.cat((normal, uniform, condition), dim=1).numpy()
+    assert meta["inputs"][0]["shape"] == ["batch", 375 + 368 + 4] and meta["runtime"]["input_size"] == 747
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"input": inputs})[0]
+    caloman = OnnxSampler(exports["caloman", "caloman"], 375, 368).run(
+        inputs[:, 743] * scale, normal.numpy(), uniform.numpy())
+    order = np.asarray(meta["par04"]["voxel_order"])
+    assert np.allclose(got, caloman[:, order] / (inputs[:, 743:744] * scale), rtol=1e-5, atol=1e-9)
+
+
+# -- CaloFlow: exported where its autoregressive flow is small, refused otherwise ---------------
+def test_caloflow_exports_for_a_small_binning_and_refuses_dataset_1(runs, tmp_path):
+    xml = tmp_path / "small.xml"
+    xml.write_text(SMALL_BINNING_XML)
+    rng = np.random.default_rng(0)
+    energies = np.exp(rng.uniform(np.log(1e3), np.log(1e5), 200))
+    showers = energies[:, None] * np.exp(rng.normal(np.linspace(-3, -1, 7), 0.5, (200, 7)))
+    data = write_showers(tmp_path / "small.h5", energies, showers, binning=xml)
+    run = _train(data, load_binning(xml), tmp_path / "caloflow-small", "caloflow")
+    result = export_onnx(run, tmp_path / "caloflow.onnx")
+    assert result.check.voxels_off == 0 and result.check.max_relative_error < 1e-4
+
+    out = tmp_path / "refused.onnx"
+    with pytest.raises(ExportError, match="masked autoregressive flow.*368 x 2 = 736 network passes"):
+        export_onnx(runs["caloflow"], out)
+    assert list(tmp_path.glob("refused*")) == [] and list(tmp_path.glob(".refused*")) == []
+
+
+# -- the stand-alone example ----------------------------------------------------------------------
+def test_python_example_writes_a_calochallenge_file_for_both_conventions(exports, tmp_path):
+    files = {}
+    for convention in ("caloman", "par04"):
+        files[convention] = tmp_path / f"{convention}.h5"
+        subprocess.run([sys.executable, str(EXAMPLE), str(exports["caloman", convention]), "--energy", "65536",
+                        "--count", "30", "--batch-size", "7", "--out", str(files[convention])],
+                       check=True, capture_output=True, text=True)
+    with ShowerFile(files["caloman"], binning=BINNING) as f:
+        incident, showers = f.read()
+    assert showers.shape == (30, 368) and np.all(incident == 65536.0) and (showers > 0).any()
+    with ShowerFile(files["par04"], binning=BINNING) as f:
+        assert np.allclose(f.read()[1], showers, rtol=1e-5, atol=1e-4)  # same noise, converted back
+    refused = subprocess.run([sys.executable, str(EXAMPLE), str(exports["caloman", "caloman"]), "--energy", "1e9",
+                              "--count", "3", "--out", str(tmp_path / "x.h5")], capture_output=True, text=True)
+    assert refused.returncode != 0 and "trained on" in refused.stderr and not (tmp_path / "x.h5").exists()
+
+
+# -- CLI and failures --------------------------------------------------------------------------------
+def test_cli_exports_and_exits_2_on_a_bad_run_or_refusal(runs, tmp_path, capsys):
+    assert main(["export", str(runs["ambient-flow"]), "--format", "onnx", "--out", str(tmp_path / "a.onnx")]) == 0
+    assert (tmp_path / "a.onnx").is_file() and (tmp_path / "a.json").is_file()
+    assert main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "b.onnx")]) == 2
+    assert "no such run directory" in capsys.readouterr().err
+    assert main(["export", str(runs["caloflow"]), "--out", str(tmp_path / "c.onnx")]) == 2
+    assert "masked autoregressive" in capsys.readouterr().err
+    assert main(["export", str(runs["caloman"]), "--out", str(tmp_path / "d.txt")]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "a.onnx"]
+
+
+def test_failed_self_check_leaves_nothing_behind(runs, tmp_path, monkeypatch):
+    def disagree(*args, **kwargs):
+        raise ExportError("the exported graph disagrees with the PyTorch sampler")
+
+    monkeypatch.setattr(onnx_export, "_self_check", disagree)
+    with pytest.raises(ExportError, match="disagrees"):
+        export_onnx(runs["ambient-flow"], tmp_path / "model.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_benchmark_times_onnx_runtime_beside_pytorch(runs, tmp_path):
+    from caloman.benchmark import BenchmarkConfig, render_markdown, time_onnx
+    config = BenchmarkConfig(batch_sizes=(1, 3), threads=1, min_seconds=0.0)
+    timings, note = time_onnx(load_run(runs["ambient-flow"]), np.array([1e4, 2e4]), config, tmp_path / "a.onnx")
+    assert note is None and [(t.device, t.batch_size, t.threads) for t in timings] == [("cpu", 1, 1), ("cpu", 3, 1)]
+    refused, why = time_onnx(load_run(runs["caloflow"]), np.array([1e4]), config, tmp_path / "c.onnx")
+    assert refused == [] and "masked autoregressive" in why
+    model = {"model": "ambient-flow", "parameters": 1, "training_seconds": None, "training_peak_rss_mib": None,
+             "evaluation": {}, "timings": [{"batch_size": t.batch_size, "device": "cpu", "ms_per_shower": 2.0,
+                                            "calls": 3, "threads": 1} for t in timings],
+             "onnx_timings": [{"batch_size": t.batch_size, "device": "cpu", "ms_per_shower": 1.0, "calls": 3,
+                               "threads": 1} for t in timings]}
+    report = {"config": {"profile": "quick", "threads": 1, "batch_sizes": [1, 3], "classifier": "none"},
+              "machine": {"torch": "2", "cpu": "cpu"}, "date": "2026-12-02", "caloman_version": "0",
+              "command": "caloman benchmark", "data": {"n_reference": 2, "simulator_ms_per_shower": None},
+              "reference_sampler": [], "models": [model, {**model, "model": "caloflow", "onnx_timings": [],
+                                                         "onnx_note": why}]}
+    text = render_markdown(report)
+    assert "| ambient-flow (ONNX Runtime) | 1.0000 | 1.0000 |" in text
+    assert "intra_op_num_threads = 1, inter_op_num_threads = 1" in text and "| ambient-flow | 0.50 | 0.50 |" in text
+    assert "No ONNX Runtime row for caloflow: cannot export" in text
