@@ -88,8 +88,8 @@ class StrongClassifierSettings:
 
     name: str = "strong"
     n_folds: int = 3
-    max_iter: int = 200
-    learning_rate: float = 0.1
+    max_iter: int = 150
+    learning_rate: float = 0.15
     max_leaf_nodes: int = 31
     n_iter_no_change: int = 10
     validation_fraction: float = 0.1
