@@ -26,6 +26,7 @@ COMMANDS = {
     "benchmark": "benchmark",
     "demo": "demo",
     "sensitivity": "sensitivity",
+    "toy": "toy",
 }
 
 

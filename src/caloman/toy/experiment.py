@@ -1,0 +1,86 @@
+"""One toy experiment: train a method on a dataset, score it and a truth sample against truth."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from caloman.refinement import ClassifierConfig, HMCConfig, RefinerConfig
+from caloman.toy.datasets import DATASETS, ToyDataset
+from caloman.toy.methods import METHODS, BaseFlowConfig, MethodOutput, ToySettings
+from caloman.toy.metrics import evaluate
+
+
+def full_settings() -> ToySettings:
+    """The intermediate 'full' setting (the paper: 480k training points, 100 epochs, 2M evaluation
+    points, on GPUs; here a few minutes on one CPU core per run)."""
+    return ToySettings(
+        n_train=50_000, n_eval=100_000, emd_points=3000,
+        base_flow=BaseFlowConfig(epochs=30),
+        classifier=ClassifierConfig(epochs=60, batch_size=512, patience=6),
+        refiner=RefinerConfig(epochs=60, batch_size=512, patience=8),
+        hmc=HMCConfig(n_chains=1000, step_size=0.1, leapfrog_steps=20, burn_in=200, samples_per_chain=100,
+                      thinning=1),
+    )
+
+
+def quick_settings() -> ToySettings:
+    """Seconds per method: tiny samples and few epochs (a smoke test, not a measurement)."""
+    return ToySettings(
+        n_train=3000, n_eval=3000, emd_points=1000,
+        base_flow=BaseFlowConfig(transforms=4, epochs=3),
+        classifier=ClassifierConfig(hidden=(32, 32), epochs=3, batch_size=256),
+        refiner=RefinerConfig(transforms=2, hidden=(32, 32), epochs=3, batch_size=256),
+        hmc=HMCConfig(n_chains=100, leapfrog_steps=5, burn_in=10, samples_per_chain=30),
+    )
+
+
+@dataclass
+class ToyResult:
+    dataset: ToyDataset
+    method: str
+    settings: ToySettings
+    seed: int
+    truth: np.ndarray  # the reference truth sample the metrics compare against
+    output: MethodOutput
+    metrics: dict[str, float]
+    truth_metrics: dict[str, float]  # an independent truth sample of the same size: the noise floor
+    timings_s: dict[str, float]
+
+    def summary(self) -> dict[str, object]:
+        """Everything metrics.json holds except versions."""
+        return {
+            **self.metrics,
+            "dataset": self.dataset.name, "dataset_description": self.dataset.description, "method": self.method,
+            "seed": self.seed, "truth": self.truth_metrics,
+            "weighted": self.output.weights is not None,
+            "sizes": {"train": self.settings.n_train, "eval": self.settings.n_eval,
+                      "generated": int(len(self.output.samples)), "emd_points": self.settings.emd_points},
+            "hist_range": self.dataset.hist_range, "settings": dataclasses.asdict(self.settings),
+            "method_info": self.output.info, "timings_s": self.timings_s,
+        }
+
+
+def run_toy(dataset: str, method: str, settings: ToySettings, seed: int = 0) -> ToyResult:
+    """Train ``method`` on ``settings.n_train`` points of ``dataset`` and score it against a truth sample."""
+    ds, fn = DATASETS[dataset], METHODS[method]
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    train = ds.sample(settings.n_train, rng).astype(np.float32)
+    truth = ds.sample(settings.n_eval, rng)
+    truth_again = ds.sample(settings.n_eval, rng)
+    start = time.perf_counter()
+    output = fn(train, settings, generator)
+    method_time = time.perf_counter() - start
+    metric_rng = np.random.default_rng(seed + 1)
+    metrics = evaluate(truth, output.samples, output.weights, hist_range=ds.hist_range, rng=metric_rng,
+                       emd_points=settings.emd_points)
+    truth_metrics = evaluate(truth, truth_again, None, hist_range=ds.hist_range, rng=metric_rng,
+                             emd_points=settings.emd_points)
+    timings = {"method": round(method_time, 3), "metrics": round(time.perf_counter() - start - method_time, 3)}
+    return ToyResult(ds, method, settings, seed, truth, output, metrics, truth_metrics, timings)
