@@ -50,6 +50,7 @@ class ClassifierConfig:
     weight_decay: float = 0.0
     validation_fraction: float = 0.1
     patience: int = 5  # epochs without a better validation loss before stopping
+    min_epochs: int = 0  # no early stop before this many epochs (the loss can sit at ln 2 before it drops)
     calibration: Literal["none", "temperature", "platt"] = "platt"
     max_weight: float | None = 100.0  # upper clip of w (None: no clip)
 
@@ -174,7 +175,7 @@ def train_ratio(train: LabelledSample, val: LabelledSample, config: ClassifierCo
             best, best_state, stale = val_loss, copy.deepcopy(model.state_dict()), 0
         else:
             stale += 1
-            if stale >= config.patience:
+            if stale >= config.patience and epoch + 1 >= config.min_epochs:
                 break
     history = model.history
     model.load_state_dict(best_state)

@@ -19,12 +19,13 @@ def full_settings() -> ToySettings:
     """The intermediate 'full' setting (the paper: 480k training points, 100 epochs, 2M evaluation
     points, on GPUs; here a few minutes on one CPU core per run)."""
     return ToySettings(
-        n_train=50_000, n_eval=100_000, emd_points=3000,
+        n_train=50_000, n_eval=100_000, emd_points=3000, emd_repeats=5,
         base_flow=BaseFlowConfig(epochs=30),
-        classifier=ClassifierConfig(epochs=60, batch_size=512, patience=6),
+        classifier=ClassifierConfig(epochs=100, batch_size=512, lr=3e-3, patience=10, min_epochs=30),
         refiner=RefinerConfig(epochs=60, batch_size=512, patience=8),
-        hmc=HMCConfig(n_chains=1000, step_size=0.1, leapfrog_steps=20, burn_in=200, samples_per_chain=100,
-                      thinning=1),
+        # many short chains: 5000 x 20 kept (every 2nd transition) after 100 burn-in transitions
+        hmc=HMCConfig(n_chains=5000, step_size=0.1, leapfrog_steps=20, burn_in=100, samples_per_chain=20,
+                      thinning=2),
     )
 
 
@@ -59,7 +60,8 @@ class ToyResult:
             "seed": self.seed, "truth": self.truth_metrics,
             "weighted": self.output.weights is not None,
             "sizes": {"train": self.settings.n_train, "eval": self.settings.n_eval,
-                      "generated": int(len(self.output.samples)), "emd_points": self.settings.emd_points},
+                      "generated": int(len(self.output.samples)), "emd_points": self.settings.emd_points,
+                      "emd_repeats": self.settings.emd_repeats},
             "hist_range": self.dataset.hist_range, "settings": dataclasses.asdict(self.settings),
             "method_info": self.output.info, "timings_s": self.timings_s,
         }
@@ -79,8 +81,8 @@ def run_toy(dataset: str, method: str, settings: ToySettings, seed: int = 0) -> 
     method_time = time.perf_counter() - start
     metric_rng = np.random.default_rng(seed + 1)
     metrics = evaluate(truth, output.samples, output.weights, hist_range=ds.hist_range, rng=metric_rng,
-                       emd_points=settings.emd_points)
+                       emd_points=settings.emd_points, emd_repeats=settings.emd_repeats)
     truth_metrics = evaluate(truth, truth_again, None, hist_range=ds.hist_range, rng=metric_rng,
-                             emd_points=settings.emd_points)
+                             emd_points=settings.emd_points, emd_repeats=settings.emd_repeats)
     timings = {"method": round(method_time, 3), "metrics": round(time.perf_counter() - start - method_time, 3)}
     return ToyResult(ds, method, settings, seed, truth, output, metrics, truth_metrics, timings)

@@ -58,6 +58,7 @@ class ToySettings:
     n_train: int
     n_eval: int  # generated (and truth) points the metrics use
     emd_points: int = 3000
+    emd_repeats: int = 1  # independent EMD subsamples averaged
     base_flow: BaseFlowConfig = BaseFlowConfig()
     classifier: ClassifierConfig = ClassifierConfig()
     refiner: RefinerConfig = RefinerConfig()
