@@ -22,7 +22,7 @@ def full_settings() -> ToySettings:
         n_train=50_000, n_eval=100_000, emd_points=3000, emd_repeats=5,
         base_flow=BaseFlowConfig(epochs=30),
         classifier=ClassifierConfig(epochs=100, batch_size=512, lr=3e-3, patience=10, min_epochs=30),
-        refiner=RefinerConfig(epochs=60, batch_size=512, patience=8),
+        refiner=RefinerConfig(epochs=40, batch_size=1024, lr=2e-3, patience=8), refiner_points=150_000,
         # many short chains: 5000 x 20 kept (every 2nd transition) after 100 burn-in transitions
         hmc=HMCConfig(n_chains=5000, step_size=0.1, leapfrog_steps=20, burn_in=100, samples_per_chain=20,
                       thinning=2),

@@ -59,6 +59,7 @@ class ToySettings:
     n_eval: int  # generated (and truth) points the metrics use
     emd_points: int = 3000
     emd_repeats: int = 1  # independent EMD subsamples averaged
+    refiner_points: int | None = None  # latent points (z ~ N(0, I), free to draw) the refiner trains on; None: n_train
     base_flow: BaseFlowConfig = BaseFlowConfig()
     classifier: ClassifierConfig = ClassifierConfig()
     refiner: RefinerConfig = RefinerConfig()
@@ -181,7 +182,7 @@ def laser_refiner_method(train: np.ndarray, settings: ToySettings, g: torch.Gene
     base, ratio = _base_and_ratio(train, settings, g, info)
     pullback = DeterministicPullback(ratio, base.generate)
     start = time.perf_counter()
-    z, _ = base.sample(len(train), g)
+    z, _ = base.sample(settings.refiner_points or len(train), g)
     w = pullback.weight(z)
     info["latent_weights"] = weight_summary(w)
     refiner = WeightedFlowRefiner(z.shape[1], config=settings.refiner).fit(z, w, generator=g)
