@@ -13,7 +13,9 @@ number of epochs and corrects, calibrates and clips nothing):
   piecewise-constant gradient field that makes leapfrog trajectories jerky.
   Three layers of 64 resolve the 2-D toys and cost a fraction of 8 x 96 on a CPU.
 - early stopping on a validation split (the best validation loss is kept), so
-  the ratio is not over-fitted to fluctuations of the training samples.
+  the ratio is not over-fitted to fluctuations of the training samples; not
+  before ``min_epochs``, because against a decent generator the loss sits at
+  ln 2 for several epochs before it drops (patience alone stops untrained).
 - calibration: the class-balance prior (total sample weight per class) is always
   removed, so unequal sample sizes do not scale w. Optionally Platt scaling
   (logit -> a logit + b, fitted on the validation split; default) or a single
