@@ -137,9 +137,9 @@ def test_sidecar_states_binning_range_inputs_outputs_and_version(runs, exports):
     assert (binning["name"], binning["n_voxels"], binning["readout_threshold_mev"]) == (BINNING, 368, 1.0)
     assert binning["xml"] == (Path(__file__).resolve().parents[1] / "src/caloman/binnings/ds1-photons.xml").read_text()
     assert "(layer, alpha, r)" in binning["voxel_order"]
-    assert meta["noise"]["normal"] == 375 and meta["noise"]["uniform"] == 368
+    assert meta["noise"]["normal"] == 743 and meta["noise"]["uniform"] == 368  # 5 + 2 + 368 + 368 spot energies
     assert [(i["name"], i["shape"]) for i in meta["inputs"]] == [
-        ("normal_noise", ["batch", 375]), ("uniform_noise", ["batch", 368]), ("incident_energy", ["batch", 1])]
+        ("normal_noise", ["batch", 743]), ("uniform_noise", ["batch", 368]), ("incident_energy", ["batch", 1])]
     assert [(o["name"], o["shape"], o["unit"]) for o in meta["outputs"]] == [("showers", ["batch", 368], "MeV")]
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["normal_noise", "uniform_noise", "incident_energy"]
@@ -170,13 +170,15 @@ def test_par04_convention_is_noise_then_condition_and_voxels_over_energy(runs, e
     condition[:, 0] = energies / scale
     condition[:, 1:] = torch.rand(8, 3)  # angle and geometry one-hot: ignored
     inputs = torch.cat((normal, uniform, condition), dim=1).numpy()
-    assert meta["inputs"][0]["shape"] == ["batch", 375 + 368 + 4] and meta["runtime"]["input_size"] == 747
+    n_normal, n_uniform = model.noise_shape().normal, model.noise_shape().uniform
+    width = n_normal + n_uniform
+    assert meta["inputs"][0]["shape"] == ["batch", width + 4] and meta["runtime"]["input_size"] == width + 4
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(None, {"input": inputs})[0]
-    caloman = OnnxSampler(exports["caloman", "caloman"], 375, 368).run(
-        inputs[:, 743] * scale, normal.numpy(), uniform.numpy())
+    caloman = OnnxSampler(exports["caloman", "caloman"], n_normal, n_uniform).run(
+        inputs[:, width] * scale, normal.numpy(), uniform.numpy())
     order = np.asarray(meta["par04"]["voxel_order"])
-    assert np.allclose(got, caloman[:, order] / (inputs[:, 743:744] * scale), rtol=1e-5, atol=1e-9)
+    assert np.allclose(got, caloman[:, order] / (inputs[:, width:width + 1] * scale), rtol=1e-5, atol=1e-9)
 
 
 # -- CaloFlow: exported where its autoregressive flow is small, refused otherwise ---------------

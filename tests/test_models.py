@@ -11,6 +11,7 @@ from caloman.models.autoencoders import LayerSoftmax, build_autoencoder, mmd_imq
 from caloman.models.caloman import CaloManConfig, CaloManModel
 from caloman.models.flows import NUMPY_MAX_BATCH, ConditionalFlow
 from caloman.models.layer_energy import LayerEnergyModel
+from caloman.models.spot_noise import SHAPE_GRID
 from caloman.models.voxel_noise import QUANTA_BIN_EDGES, log10_bins, poisson_quantile, quanta_bins
 
 torch.set_num_threads(1)
@@ -213,13 +214,21 @@ def test_per_layer_samples_conserve_energy():
     assert torch.all(out.sum(1) <= scale * torch.as_tensor(incident) * (1 + 1e-5))
 
 
-def test_state_dict_rebuild_reproduces_samples():
+@pytest.mark.parametrize("voxel_noise", ["poisson", "poisson-gamma"])
+def test_state_dict_rebuild_reproduces_samples(voxel_noise):
     binning = tiny_binning()
-    model = build_model("caloman", binning, overrides={**TINY, "voxel_noise": "poisson"})
+    model = build_model("caloman", binning, overrides={**TINY, "voxel_noise": voxel_noise})
     incident, voxels = toy_showers(300)
     trained_steps(model, incident, voxels, steps=5)
-    assert bool(model.latent_fitted) and (model.voxel_quanta >= 0).all()
-    model.voxel_quanta.fill_(5.0)  # the toy has no graininess to fit: force the noise on
+    assert bool(model.latent_fitted)
+    if voxel_noise == "poisson":
+        assert (model.voxel_quanta >= 0).all()
+        model.voxel_quanta.fill_(5.0)  # the toy has no graininess to fit: force the noise on
+    else:
+        # fitted with the codes: a shape from the grid per layer, positive scales, a monotone table
+        assert set(model.spot_shapes.tolist()) <= set(SHAPE_GRID)
+        assert (model.spot_scales > 0).all()
+        assert (model.spot_quantiles.diff(dim=1) >= 0).all()
     twin = build_model("caloman", binning, overrides=model.config_dict())
     twin.load_state_dict(model.state_dict())
     twin.eval()
@@ -402,8 +411,11 @@ def test_poisson_noise_uses_the_quanta_table_when_fitted():
 def test_caloman_noise_layout():
     model = build_model("caloman", "ds1-photons", overrides=TINY)
     shape = model.noise_shape()
-    assert shape.offsets() == {"layer_energies": slice(0, 5), "latent": slice(5, 7), "voxels": slice(7, 375)}
+    assert shape.offsets() == {"layer_energies": slice(0, 5), "latent": slice(5, 7), "voxels": slice(7, 375),
+                               "spot_energies": slice(375, 743)}
     assert shape.offsets("uniform") == {"voxels": slice(0, 368)}
+    lattice = build_model("caloman", "ds1-photons", overrides={**TINY, "voxel_noise": "poisson"}).noise_shape()
+    assert (lattice.normal, lattice.uniform) == (375, 368)
     smooth = build_model("caloman", "ds1-photons", overrides={**TINY, "voxel_noise": "none"}).noise_shape()
     assert (smooth.normal, smooth.uniform) == (7, 0)
 

@@ -175,11 +175,18 @@ class Autoencoder(nn.Module):
         """The family's term on the batch's codes (n, d); zero for a plain autoencoder."""
         return z.new_zeros(())
 
-    def loss(self, x: Tensor, context: Tensor | None = None, inputs: Tensor | None = None) -> Tensor:
+    def loss(self, x: Tensor, context: Tensor | None = None, inputs: Tensor | None = None,
+             weights: Tensor | None = None) -> Tensor:
         """Mean training loss of a batch of target features x (n, D); ``inputs`` is what
-        the encoder sees when it differs from the target (a transformed x)."""
+        the encoder sees when it differs from the target (a transformed x); ``weights`` (n,)
+        multiply each shower's reconstruction loss (the regulariser is not weighted)."""
         z = self.encode(x if inputs is None else inputs, context)
-        return self.reconstruction_loss(x, self.decode_logits(z, context)).mean() + self.regulariser(z)
+        return _weighted(self.reconstruction_loss(x, self.decode_logits(z, context)), weights).mean() \
+            + self.regulariser(z)
+
+
+def _weighted(losses: Tensor, weights: Tensor | None) -> Tensor:
+    return losses if weights is None else losses * weights
 
 
 class PlainAutoencoder(Autoencoder):
@@ -207,11 +214,13 @@ class VariationalAutoencoder(Autoencoder):
         mean, log_var = self.encoder(self._with_context(x, context)).chunk(2, dim=-1)
         return mean, log_var.clamp(*_LOG_VAR_RANGE)
 
-    def loss(self, x: Tensor, context: Tensor | None = None, inputs: Tensor | None = None) -> Tensor:
+    def loss(self, x: Tensor, context: Tensor | None = None, inputs: Tensor | None = None,
+             weights: Tensor | None = None) -> Tensor:
         mean, log_var = self.posterior(x if inputs is None else inputs, context)
         z = mean + torch.randn_like(mean) * (0.5 * log_var).exp()
         kl = 0.5 * (mean.square() + log_var.exp() - 1 - log_var).sum(-1)
-        return (self.reconstruction_loss(x, self.decode_logits(z, context)) + self.kl_weight * kl).mean()
+        reconstruction = _weighted(self.reconstruction_loss(x, self.decode_logits(z, context)), weights)
+        return (reconstruction + self.kl_weight * kl).mean()
 
 
 class WassersteinAutoencoder(Autoencoder):

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from caloman.errors import ConfigError
 from caloman.geometry import Binning
+from caloman.models import spot_noise
 from caloman.models.autoencoders import AUTOENCODER_KINDS, RECONSTRUCTION_LOSSES, Autoencoder, build_autoencoder
 from caloman.models.base import NoiseBlock, NoiseShape, ShowerModel, Stage
 from caloman.models.config import ModelConfig
@@ -50,7 +51,7 @@ from caloman.preprocessing import (
 #: Encoder input transforms of the voxel features (the reconstruction target is never transformed).
 ENCODER_INPUTS = ("none", "sqrt", "log")
 #: Output noise models, see :attr:`CaloManConfig.voxel_noise`.
-VOXEL_NOISES = ("none", "poisson")
+VOXEL_NOISES = ("none", "poisson", "poisson-gamma")
 #: Named configurations accepted by :meth:`CaloManConfig.profile`.
 PROFILES = ("quick", "full", "paper")
 
@@ -60,6 +61,8 @@ _LOG_INPUT_EPS = 1e-6
 _CHUNK = 4096
 #: log10 of reconstructed voxel energy (MeV): bin edges of the voxel-noise fit.
 _QUANTA_BIN_EDGES = QUANTA_BIN_EDGES
+#: Sub-bins per bin of the spot-scale table over which the occupancy fit averages.
+_SUB_BINS = 4
 
 
 def fit_noise_quantum(counts: Tensor, mean_sums: Tensor, square_sums: Tensor, lowest_energy: float = 0.0,
@@ -147,14 +150,19 @@ class CaloManConfig(ModelConfig):
             fits a point mass; such layers generate no voxel above threshold.
         output_threshold: zero generated voxels below the readout threshold and
             rescale each layer back to its sampled energy (per-layer).
-        voxel_noise: ``"poisson"`` (default) draws each generated voxel as
-            q Poisson(x / q), q a per-layer energy quantum fitted to the
-            autoencoder's residuals when the latent-flow stage starts: the
-            graininess of real showers (few deposits at low energy), which a
-            smooth decoded mean shower lacks and which decides widths and
-            sparsity after the readout threshold; ``"none"`` returns the
-            decoded mean shower. Each layer is rescaled to its sampled energy
-            afterwards.
+        voxel_noise: ``"poisson-gamma"`` (default) draws each generated voxel
+            as the energy of a Poisson number of Gamma-distributed spots
+            (:mod:`caloman.models.spot_noise`), calibrated on the training
+            showers when the latent-flow stage starts: the graininess of real
+            showers (few deposits at low energy), which a smooth decoded mean
+            shower lacks and which decides widths, sparsity and the voxel-energy
+            spectrum after the readout threshold; ``"poisson"`` the older
+            q Poisson(x / q), whose voxels lie on a lattice of quanta;
+            ``"none"`` returns the decoded mean shower. Each layer is rescaled
+            to its sampled energy afterwards.
+        reconstruction_energy_power: p >= 0; each training shower's reconstruction loss is
+            weighted by (E_inc / E_mid)^p, E_mid the geometric middle of the trained
+            energy range; 0: unweighted.
     """
 
     preprocessing: str = "per-layer"
@@ -177,7 +185,8 @@ class CaloManConfig(ModelConfig):
     threshold_inputs: bool = True
     dequantise_empty_layers: bool = True
     output_threshold: bool = True
-    voxel_noise: str = "poisson"
+    voxel_noise: str = "poisson-gamma"
+    reconstruction_energy_power: float = 0.5
 
     label = "caloman"
     profiles = PROFILES
@@ -205,7 +214,7 @@ class CaloManConfig(ModelConfig):
             sizes = getattr(self, name)
             if not sizes or any(int(s) < 1 for s in sizes):
                 raise ConfigError(f"model option {name} must list positive layer sizes, got {sizes!r}")
-        for name in ("kl_weight", "mmd_weight", "latent_noise"):
+        for name in ("kl_weight", "mmd_weight", "latent_noise", "reconstruction_energy_power"):
             if not float(getattr(self, name)) >= 0:
                 raise ConfigError(f"model option {name} must be >= 0, got {getattr(self, name)}")
 
@@ -285,6 +294,15 @@ class CaloManModel(ShowerModel):
         self.register_buffer("voxel_group_index", self.voxel_layer_index * self.n_rings + torch.as_tensor(rings),
                              persistent=False)
         self.register_buffer("voxel_quanta_table", torch.zeros(n_layers * self.n_rings, len(_QUANTA_BIN_EDGES) + 1))
+        if config.voxel_noise == "poisson-gamma":
+            # Spot shape k per layer, spot scale theta (MeV) per (layer, ring, energy bin) and the
+            # Gamma quantile table, all fitted with the codes (:mod:`caloman.models.spot_noise`).
+            self.register_buffer("spot_shapes", torch.zeros(n_layers))
+            self.register_buffer("spot_scales", torch.zeros(n_layers * self.n_rings, len(_QUANTA_BIN_EDGES) + 1))
+            self.register_buffer("spot_quantiles", torch.zeros(n_layers * spot_noise.TABLE_COUNTS,
+                                                               spot_noise.TABLE_POINTS))
+            self.register_buffer("spot_table_rows", self.voxel_layer_index * spot_noise.TABLE_COUNTS,
+                                 persistent=False)
 
     # -- configuration ---------------------------------------------------------------------
     # -- preprocessing -------------------------------------------------------------------
@@ -360,7 +378,24 @@ class CaloManModel(ShowerModel):
     def _autoencoder_loss(self, batch: tuple[Tensor, ...]) -> Tensor:
         voxels, condition = batch
         # The encoder sees the transformed voxels; the target stays untransformed.
-        return self.autoencoder.loss(voxels, self._ae_context(condition), inputs=self._encoder_input(voxels))
+        return self.autoencoder.loss(voxels, self._ae_context(condition), inputs=self._encoder_input(voxels),
+                                     weights=self._reconstruction_weights(condition[:, 0]))
+
+    def _reconstruction_weights(self, scaled_incident: Tensor) -> Tensor | None:
+        """Per-shower weights (n,) of the reconstruction loss, (E_inc / E_mid)^p with E_mid
+        the geometric middle of the trained energy range (p = ``reconstruction_energy_power``;
+        None for p = 0). A shower of N spots has a shape likelihood N times its
+        cross-entropy and N grows almost linearly with E_inc, so unweighted training spends
+        the decoder's precision on low energies, where fluctuations hide its errors. A fixed
+        reference (not a per-batch normalisation) keeps training and validation losses
+        comparable."""
+        power = float(self.config.reconstruction_energy_power)
+        if power == 0:
+            return None
+        pipeline = self._pipeline()
+        log_energy = pipeline.incident.inverse(scaled_incident.double()).log()
+        log_middle = pipeline.incident.inverse(scaled_incident.new_full((1,), 0.5).double()).log()
+        return (power * (log_energy - log_middle)).exp().to(scaled_incident.dtype)
 
     def _codes(self, features: _Features) -> Tensor:
         """Codes (n, d) of preprocessed showers (the posterior mean for a VAE)."""
@@ -376,6 +411,8 @@ class CaloManModel(ShowerModel):
                 layer_quanta, table = self._fit_voxel_quanta(incident_energies, showers)
                 self.voxel_quanta.copy_(layer_quanta)
                 self.voxel_quanta_table.copy_(table)
+            elif self.config.voxel_noise == "poisson-gamma":
+                self.fit_spot_noise(incident_energies, showers)
             self.latent_fitted.fill_(True)
         return (codes - self.latent_mean) / self.latent_std, condition
 
@@ -422,14 +459,90 @@ class CaloManModel(ShowerModel):
                                                           min_quantum=self.threshold)
         return layer_quanta, table.reshape(self.n_layers * self.n_rings, n_bins)
 
+    def fit_spot_noise(self, incident_energies: Tensor, showers: Tensor, *, max_voxels_per_layer: int = 30_000,
+                       seed: int = 0) -> dict[str, Any]:
+        """Calibrate the ``"poisson-gamma"`` voxel noise on training showers (n,), (n, V) MeV
+        (:mod:`caloman.models.spot_noise`): for every candidate spot shape k, the spot scales
+        per (layer, ring, bin of reconstructed energy) by occupancy matching; then per layer
+        the k whose scales give the highest censored likelihood of a random sample of that
+        layer's training voxels (up to ``max_voxels_per_layer``) given their reconstructions.
+        Fills the ``spot_*`` buffers; returns the mean log-likelihood of every candidate per
+        layer (for reports and tests)."""
+        edges = _QUANTA_BIN_EDGES.to(showers.device)
+        n_bins = len(edges) + 1
+        n_groups = self.n_layers * self.n_rings
+        # Sums per sub-bin: each table bin cut into _SUB_BINS (the occupancy fit averages over them).
+        fine_edges = torch.linspace(float(edges[0]), float(edges[-1]), _SUB_BINS * (len(edges) - 1) + 1,
+                                    dtype=torch.float64)
+        n_fine = len(fine_edges) + 1
+        sums = torch.zeros(3, n_groups * n_fine, dtype=torch.float64)
+        generator = torch.Generator().manual_seed(seed)
+        keep_share = min(1.0, 4.0 * max_voxels_per_layer * self.n_layers / max(1, showers.numel()))
+        sample: list[tuple[Tensor, Tensor, Tensor]] = []
+        for i in range(0, len(showers), _CHUNK):
+            e, x = incident_energies[i:i + _CHUNK], showers[i:i + _CHUNK]
+            mean = self._reconstruct(e, x, postprocess=False).double().cpu()
+            clean = self._clean(x.double()).cpu()
+            log_mean = mean.clamp_min(1e-30).log10()
+            group = self.voxel_group_index.cpu()
+            cell = group * n_bins + torch.bucketize(log_mean, edges.cpu())
+            fine = (group * n_fine + torch.bucketize(log_mean, fine_edges)).flatten()
+            for row, values in enumerate((torch.ones_like(mean), mean, (clean > 0).double())):
+                sums[row].index_add_(0, fine, values.flatten())
+            chosen = (torch.rand(mean.shape, generator=generator) < keep_share) & (mean > 1e-3 * self.threshold)
+            sample.append((mean[chosen], clean[chosen], cell[chosen]))
+        means, energies, cells = (torch.cat(column).numpy() for column in zip(*sample))
+        # fine bin f lies in table bin ceil(f / _SUB_BINS): (groups, bins, sub-bins), empty padding
+        coarse = -(-np.arange(n_fine) // _SUB_BINS)
+        position = np.arange(n_fine) - (coarse - 1) * _SUB_BINS - 1
+        position[0] = 0
+        grouped = np.zeros((3, n_groups, n_bins, _SUB_BINS))
+        grouped[:, :, coarse, position] = sums.reshape(3, n_groups, n_fine).numpy()
+        sums = list(grouped)
+        layer_of_cell = np.repeat(np.arange(self.n_layers), self.n_rings * n_bins)
+        candidates = {k: self._spot_scale_table(*sums, k) for k in spot_noise.SHAPE_GRID}
+        near_threshold = next(iter(candidates.values()))[1].flatten()  # the same cells for every k
+        candidates = {k: table for k, (table, _) in candidates.items()}
+        rng = np.random.default_rng(seed)
+        shapes, scores = np.zeros(self.n_layers), {}
+        table = np.zeros((n_groups, n_bins))
+        for layer in range(self.n_layers):
+            mine = np.nonzero((layer_of_cell[cells] == layer) & near_threshold[cells])[0]
+            mine = rng.permutation(mine)[:max_voxels_per_layer]
+            best, scores[layer] = spot_noise.choose_shape({k: t.flatten() for k, t in candidates.items()},
+                                                          means[mine], energies[mine], cells[mine], self.threshold)
+            shapes[layer] = best
+            rows = slice(layer * self.n_rings, (layer + 1) * self.n_rings)
+            table[rows] = candidates[best][rows]
+        self.spot_shapes.copy_(torch.as_tensor(shapes, dtype=torch.float32))
+        self.spot_scales.copy_(torch.as_tensor(table, dtype=torch.float32))
+        self.spot_quantiles.copy_(spot_noise.quantile_table(shapes).reshape(-1, spot_noise.TABLE_POINTS))
+        return {"spot_shapes": shapes.tolist(), "log_likelihood": scores}
+
+    def _spot_scale_table(self, counts: np.ndarray, mean_sums: np.ndarray, occupied: np.ndarray, shape: float
+                          ) -> tuple[np.ndarray, np.ndarray]:
+        """Spot scales (n_groups, n_bins) in MeV for one spot shape, and the mask of cells
+        fitted by occupancy; groups with no usable bin take the median of their layer's
+        fitted scales (or the threshold, if none)."""
+        fits = [spot_noise.fit_scales(c, m, o, shape, self.threshold) for c, m, o in zip(counts, mean_sums, occupied)]
+        table = np.stack([scales for scales, _ in fits])
+        by_occupancy = np.stack([mask for _, mask in fits])
+        for layer in range(self.n_layers):
+            rows = table[layer * self.n_rings:(layer + 1) * self.n_rings]
+            fitted = rows[np.isfinite(rows)]
+            rows[~np.isfinite(rows)] = float(np.median(fitted)) if fitted.size else self.threshold
+        return table, by_occupancy
+
     # -- generation ----------------------------------------------------------------------
     def noise_shape(self) -> NoiseShape:
         """Standard normals: the layer-energy flow's (per-layer only), the latent flow's and
         (Poisson voxel noise) one per voxel; uniforms: one per voxel (Poisson voxel noise)."""
         blocks = [NoiseBlock("layer_energies", self.n_layers)] if self.per_layer else []
         blocks.append(NoiseBlock("latent", self.config.latent_dim))
-        if self.config.voxel_noise == "poisson":
+        if self.config.voxel_noise != "none":
             blocks += [NoiseBlock("voxels", self.n_voxels), NoiseBlock("voxels", self.n_voxels, "uniform")]
+        if self.config.voxel_noise == "poisson-gamma":
+            blocks.append(NoiseBlock("spot_energies", self.n_voxels))
         return NoiseShape(tuple(blocks))
 
     def sample_from_noise(self, incident_energies: Tensor, normal: Tensor, uniform: Tensor | None = None) -> Tensor:
@@ -445,19 +558,23 @@ class CaloManModel(ShowerModel):
             encoded, condition = None, scaled
         codes = self.latent_flow.transform_inverse(normal[:, columns["latent"]], condition)
         decoded = self.autoencoder.decode(codes * self.latent_std + self.latent_mean, self._ae_context(condition))
-        voxel_noise = (normal[:, columns["voxels"]], uniform) if "voxels" in columns else None
+        voxel_noise = None
+        if "voxels" in columns:
+            voxel_noise = (normal[:, columns["voxels"]], uniform)
+            if "spot_energies" in columns:
+                voxel_noise += (normal[:, columns["spot_energies"]],)
         return self._to_showers(pipeline, incident, decoded, encoded, voxel_noise=voxel_noise)
 
     def _to_showers(self, pipeline: Any, incident: Tensor, decoded: Tensor, encoded: Tensor | None, *,
-                    voxel_noise: tuple[Tensor, Tensor] | None = None, postprocess: bool = True) -> Tensor:
+                    voxel_noise: tuple[Tensor, ...] | None = None, postprocess: bool = True) -> Tensor:
         """Decoded features -> showers (n, V) in MeV, then the voxel noise driven by
-        ``voxel_noise`` = (normal, uniform) (n, V) each (None: none) and (``postprocess``)
-        the readout threshold."""
+        ``voxel_noise`` = (normal, uniform[, spot normal]) (n, V) each (None: none) and
+        (``postprocess``) the readout threshold."""
         noisy = voxel_noise is not None
         threshold = postprocess and self.config.output_threshold
         if not self.per_layer:
             showers = pipeline.inverse(incident, decoded)
-            showers = self._poisson(showers, *voxel_noise) if noisy else showers
+            showers = self._fluctuate(showers, *voxel_noise) if noisy else showers
             return apply_threshold(showers, self.threshold) if threshold else showers
         # Decoded in float64: in float32, rounding of u-variables near 0 or 1 is amplified in the
         # energies of nearly empty back layers (ONNX Runtime and PyTorch differed there by 3e-4).
@@ -465,12 +582,30 @@ class CaloManModel(ShowerModel):
         showers = pipeline.layers.inverse(decoded, layer_energies)
         if not (noisy or threshold):
             return showers
-        showers = self._poisson(showers, *voxel_noise) if noisy else showers
+        showers = self._fluctuate(showers, *voxel_noise) if noisy else showers
         showers = apply_threshold(showers, self.threshold) if threshold else showers
         # Rescale every layer to its sampled energy (a layer left empty stays empty).
         kept = pipeline.layers.layer_energies(showers)
         factor = torch.where(kept > 0, layer_energies / kept.clamp_min(1e-30), torch.zeros_like(kept))
         return showers * pipeline.layers.to_voxels(factor)
+
+    def _fluctuate(self, showers: Tensor, normal: Tensor, uniform: Tensor, spot_normal: Tensor | None = None
+                   ) -> Tensor:
+        """The configured voxel noise on showers (n, V) in MeV, from noise (n, V) each."""
+        if spot_normal is None:
+            return self._poisson(showers, normal, uniform)
+        return self._spots(showers, normal, uniform, spot_normal)
+
+    def _spots(self, showers: Tensor, normal: Tensor, uniform: Tensor, spot_normal: Tensor) -> Tensor:
+        """Each voxel of showers (n, V) in MeV as theta Gamma(N k), N ~ Poisson(x / (k theta)),
+        with k its layer's spot shape and theta its (layer, ring, energy) spot scale
+        (:func:`~caloman.models.spot_noise.spot_fluctuations`)."""
+        n_bins = self.spot_scales.shape[1]
+        cells = self.voxel_group_index * n_bins + quanta_bins(showers)
+        scales = self.spot_scales.to(showers.dtype).flatten()[cells]
+        shapes = self.spot_shapes.to(showers.dtype)[self.voxel_layer_index]
+        return spot_noise.spot_fluctuations(showers, scales, shapes, self.spot_table_rows, self.spot_quantiles,
+                                            normal, uniform, spot_normal)
 
     def _poisson(self, showers: Tensor, normal: Tensor, uniform: Tensor) -> Tensor:
         """Each voxel x of showers (n, V) drawn as q Poisson(x / q) from the noise (n, V) each

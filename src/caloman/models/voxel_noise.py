@@ -115,23 +115,28 @@ def _counts_in_stages(lam: Tensor, u: Tensor, pmf: Tensor, cdf: Tensor) -> Tenso
     return counts
 
 
-def poisson_fluctuations(showers: Tensor, quanta: Tensor, normal: Tensor, uniform: Tensor) -> Tensor:
-    """Each voxel x of showers (n, V) in MeV drawn as q Poisson(x / q) with quanta q (n, V)
-    in MeV (q = 0 keeps x), from one standard normal (n, V) or, for rates below
-    ``EXACT_POISSON_BELOW``, one uniform (n, V) per voxel; (n, V) in the showers' dtype."""
-    rate = showers / quanta.clamp_min(1e-12)
+def poisson_counts(rate: Tensor, normal: Tensor, uniform: Tensor) -> Tensor:
+    """Poisson(rate) counts (n, V), float in the rates' dtype, from one standard normal (n, V)
+    or, for rates below ``EXACT_POISSON_BELOW``, one uniform (n, V) per entry."""
     counts = (rate + rate.sqrt() * normal.to(rate.dtype)).round().clamp_min(0)
     small = rate < EXACT_POISSON_BELOW
     if torch.jit.is_tracing():
         # A graph draws on every voxel and keeps the small rates' draws: same values, no compaction.
         exact = poisson_quantile(torch.where(small, rate, torch.zeros_like(rate)), uniform)
-        counts = torch.where(small, exact.to(counts.dtype), counts)
-    else:
-        index = small.flatten().nonzero().squeeze(-1)  # one search for the small rates, not three
-        exact = poisson_quantile(rate.flatten()[index], uniform.flatten()[index])
-        counts.view(-1).index_copy_(0, index, exact.to(counts.dtype))
+        return torch.where(small, exact.to(counts.dtype), counts)
+    index = small.flatten().nonzero().squeeze(-1)  # one search for the small rates, not three
+    exact = poisson_quantile(rate.flatten()[index], uniform.flatten()[index])
+    counts.view(-1).index_copy_(0, index, exact.to(counts.dtype))
+    return counts
+
+
+def poisson_fluctuations(showers: Tensor, quanta: Tensor, normal: Tensor, uniform: Tensor) -> Tensor:
+    """Each voxel x of showers (n, V) in MeV drawn as q Poisson(x / q) with quanta q (n, V)
+    in MeV (q = 0 keeps x), from one standard normal (n, V) or, for rates below
+    ``EXACT_POISSON_BELOW``, one uniform (n, V) per voxel; (n, V) in the showers' dtype."""
+    counts = poisson_counts(showers / quanta.clamp_min(1e-12), normal, uniform)
     return torch.where(quanta > 0, counts * quanta, showers)
 
 
 __all__ = ["EXACT_POISSON_BELOW", "QUANTA_BIN_EDGES", "POISSON_MAX_COUNT", "POISSON_STAGES", "quanta_bins",
-           "log10_bins", "poisson_quantile", "poisson_fluctuations"]
+           "log10_bins", "poisson_quantile", "poisson_counts", "poisson_fluctuations"]
