@@ -648,8 +648,9 @@ def render_summary(metrics: dict[str, Any]) -> str:
         source = files.get(name) or "arrays in memory"
         lines.append(f"- {name}: `{source}` ({n.get(name, '?')} showers)")
     if metrics.get("weights"):
-        lines.append(f"- generated showers weighted (`--weights`): ESS fraction {metrics['weights']['ess_fraction']:.3f}, "
-                     f"largest weight {metrics['weights']['max']:.3g}")
+        weights = metrics["weights"]
+        lines.append(f"- generated showers weighted (`--weights`): ESS fraction {weights['ess_fraction']:.3f}, "
+                     f"largest weight {weights['max']:.3g}")
     lines += [f"- binning: {metrics['binning']}, readout threshold {metrics['threshold_mev']:.6g} MeV, "
               f"seed {metrics['seed']}", f"- caloman {metrics['caloman_version']}", ""]
 
