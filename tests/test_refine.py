@@ -159,7 +159,8 @@ def test_weighted_strong_test_ignores_showers_of_weight_zero(base):
     half = len(incident) // 2
     reference = (incident[:half], showers[:half])
     # generated: the other half of the same distribution, plus as many showers with three times the energy
-    generated = (np.concatenate([incident[half:], incident[half:]]), np.concatenate([showers[half:], 3 * showers[half:]]))
+    generated = (np.concatenate([incident[half:], incident[half:]]),
+                 np.concatenate([showers[half:], 3 * showers[half:]]))
     weights = np.concatenate([np.ones(len(incident) - half), np.zeros(len(incident) - half)])
     settings = StrongClassifierSettings(max_iter=20, max_threads=1, max_showers_per_class=None)
     plain = run_strong_test("low", reference, generated, binning, settings, seed=0)
