@@ -99,6 +99,10 @@ class EvaluationConfig:
         plot_max_voxels: the per-energy average-shower pictures use a seeded random
             sub-sample of at most this many voxel values (showers x voxels) per sample,
             to bound memory on dataset 3; all other plots use every shower.
+        weights: weight the generated showers by the ``weights`` dataset of the generated
+            file (a reweighted generator, ``caloman refine --method reweight``): feature
+            histograms, separation powers, the average shower and (setting "strong")
+            the classifier test; FPD/KPD and PRDC stay unweighted.
     """
 
     classifier: str = "full"
@@ -110,6 +114,7 @@ class EvaluationConfig:
     prdc_max_showers: int = 10_000
     plots: bool = True
     plot_max_voxels: int = 20_000_000
+    weights: bool = False
 
     def __post_init__(self) -> None:
         if self.classifier not in CLASSIFIER_SETTINGS:
@@ -118,6 +123,9 @@ class EvaluationConfig:
             raise ConfigError(f"max_showers must be a positive number of showers, got {self.max_showers}")
         if self.prdc_k < 1 or self.prdc_max_showers < 1 or self.plot_max_voxels < 1:
             raise ConfigError("prdc_k, prdc_max_showers and plot_max_voxels must be positive")
+        if self.weights and self.classifier not in ("strong", "none"):
+            raise ConfigError(f"weighted evaluation runs the classifier test with --classifier strong or none, not "
+                              f"{self.classifier!r}")
 
 
 # -- where showers come from ----------------------------------------------------------
@@ -128,7 +136,7 @@ class _Sample:
 
     def __init__(self, name: str, binning: Binning, *, file: ShowerFile | None = None,
                  arrays: tuple[np.ndarray, np.ndarray] | None = None, max_showers: int | None,
-                 rng: np.random.Generator) -> None:
+                 rng: np.random.Generator, weighted: bool = False) -> None:
         self.name = name
         self.binning = binning
         self.file = file
@@ -149,6 +157,16 @@ class _Sample:
         if max_showers is not None and max_showers < self.n_available:
             self.rows = np.sort(rng.choice(self.n_available, size=max_showers, replace=False))
         self.n_used = self.n_available if self.rows is None else len(self.rows)
+        #: per-shower weights of the rows in use (n_used,), or None for an unweighted sample
+        self.weights = self._weights() if weighted else None
+
+    def _weights(self) -> np.ndarray:
+        weights = self.file.read_weights() if self.file is not None else None
+        if weights is None:
+            raise ShowerFileError(f"{self.path or self.name}: has no 'weights' dataset to weight the {self.name} "
+                                  "showers by; generate with a reweighted run (caloman refine --method reweight), "
+                                  "or leave out --weights")
+        return weights if self.rows is None else weights[self.rows]
 
     def _raw_chunks(self) -> Iterator[tuple[int, int]]:
         size = default_chunk_size(self.binning.n_voxels)
@@ -205,6 +223,7 @@ class _Accumulator:
         self.n = 0
         self.keep_showers = keep_showers
         self.kept: list[tuple[np.ndarray, np.ndarray]] = []
+        self.weights = sample.weights              # (n_used,) or None
         self.gather = gather                       # name -> sorted positions among the rows in use
         self.gathered: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {k: [] for k in gather}
 
@@ -213,7 +232,9 @@ class _Accumulator:
         if showers.size:
             chunk_max = showers.max()
             self.max_voxel = chunk_max if self.max_voxel is None else max(self.max_voxel, chunk_max)
-        self.sum_shower += showers.sum(axis=0, dtype=np.float64)
+        weights = self.chunk_weights(len(incident))
+        self.sum_shower += (showers.sum(axis=0, dtype=np.float64) if weights is None
+                            else weights @ showers.astype(np.float64))
         if self.keep_showers:
             self.kept.append((incident, showers))
         for key, positions in self.gather.items():
@@ -223,11 +244,16 @@ class _Accumulator:
                 self.gathered[key].append((incident[local], showers[local]))
         self.n += len(incident)
 
+    def chunk_weights(self, n: int) -> np.ndarray | None:
+        """Weights of the next ``n`` rows to be added (None: unweighted)."""
+        return None if self.weights is None else self.weights[self.n:self.n + n]
+
     def features(self) -> ShowerFeatures:
         return ShowerFeatures.concatenate(self.parts)
 
     def mean_shower(self) -> np.ndarray:
-        return self.sum_shower / max(self.n, 1)
+        total = self.n if self.weights is None else float(self.weights.sum())
+        return self.sum_shower / max(total, 1e-300) if self.n else self.sum_shower
 
     def collected(self, key: str) -> tuple[np.ndarray, np.ndarray]:
         return _stack(self.gathered[key], self.binning.n_voxels)
@@ -293,7 +319,8 @@ def _make_samples(binning: Binning, config: EvaluationConfig, *, files: dict[str
         # rows on both sides and gives separation powers of exactly zero.
         rng = np.random.default_rng([config.seed, 0])
         samples[name] = _Sample(name, binning, file=files[name] if files else None,
-                                arrays=arrays[name] if arrays else None, max_showers=config.max_showers, rng=rng)
+                                arrays=arrays[name] if arrays else None, max_showers=config.max_showers, rng=rng,
+                                weighted=config.weights and name == "generated")
     return samples
 
 
@@ -320,7 +347,8 @@ def _evaluate(samples: dict[str, _Sample], binning: Binning, out_dir: Path, conf
     laps = _Laps()
     accumulators, voxel_histogram = _read_samples(samples, binning, config, laps)
     ref_features, gen_features = accumulators["reference"].features(), accumulators["generated"].features()
-    histograms = feature_histograms(ref_features, gen_features, binning, voxel_histogram)
+    histograms = feature_histograms(ref_features, gen_features, binning, voxel_histogram,
+                                    generated_weights=samples["generated"].weights)
     laps("separation_power")
     metrics = _metrics_header(samples, binning, config, histograms)
     # Everything is written into a temporary folder that replaces out_dir's entries
@@ -367,8 +395,8 @@ def _read_samples(samples: dict[str, _Sample], binning: Binning, config: Evaluat
     laps("reference_features")
     voxel_hist = VoxelEnergyHistogram.for_binning(binning, ref_acc.max_voxel if ref_acc.max_voxel is not None else 0.0)
     for incident, showers in samples["generated"].chunks("generated features"):
+        voxel_hist.add_generated(showers, gen_acc.chunk_weights(len(incident)))
         gen_acc.add(incident, showers)
-        voxel_hist.add_generated(showers)
     laps("generated_features")
     if ref_acc.keep_showers:
         for _, showers in ref_acc.kept:
@@ -406,8 +434,19 @@ def _metrics_header(samples: dict[str, _Sample], binning: Binning, config: Evalu
         "fpd": None,
         "kpd": None,
         "prdc": None,
-        "notes": [],
+        "weights": _weights_entry(samples["generated"].weights),
+        "notes": ["weighted generated sample: feature histograms, separation powers, average showers and the "
+                  "strong classifier test use its weights; FPD/KPD and PRDC do not"]
+        if samples["generated"].weights is not None else [],
     }
+
+
+def _weights_entry(weights: np.ndarray | None) -> dict[str, Any] | None:
+    """What metrics.json records of the generated sample's weights (None: unweighted)."""
+    if weights is None:
+        return None
+    ess = float(weights.sum() ** 2 / (len(weights) * np.square(weights).sum()))
+    return {"n": len(weights), "ess_fraction": ess, "mean": float(weights.mean()), "max": float(weights.max())}
 
 
 def _classifier_entry(result: ClassifierResult) -> dict[str, Any]:
@@ -431,8 +470,10 @@ def _classifier_tests(metrics: dict[str, Any], accumulators: dict[str, _Accumula
         run_strong_test = _optional("caloman.metrics.strong", "run_strong_test", "the classifier tests",
                                     "--classifier none")
 
+        weights = accumulators["generated"].weights
+
         def run_test(kind, reference, generated):
-            return run_strong_test(kind, reference, generated, binning, seed=config.seed)
+            return run_strong_test(kind, reference, generated, binning, seed=config.seed, generated_weights=weights)
     else:
         run_classifier_test = _optional("caloman.metrics.classifier", "run_classifier_test",
                                         "the classifier tests", "--classifier none")
@@ -606,6 +647,10 @@ def render_summary(metrics: dict[str, Any]) -> str:
     for name in ("reference", "generated"):
         source = files.get(name) or "arrays in memory"
         lines.append(f"- {name}: `{source}` ({n.get(name, '?')} showers)")
+    if metrics.get("weights"):
+        weights = metrics["weights"]
+        lines.append(f"- generated showers weighted (`--weights`): ESS fraction {weights['ess_fraction']:.3f}, "
+                     f"largest weight {weights['max']:.3g}")
     lines += [f"- binning: {metrics['binning']}, readout threshold {metrics['threshold_mev']:.6g} MeV, "
               f"seed {metrics['seed']}", f"- caloman {metrics['caloman_version']}", ""]
 

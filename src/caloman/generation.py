@@ -140,10 +140,12 @@ def generate(model: ShowerModel, incident_energies: np.ndarray, *, batch_size: i
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
     energies = np.asarray(incident_energies, dtype=np.float64).reshape(-1)
     check_energy_range(model, energies, energy_policy)
-    return _sample_chunks(model, energies, batch_size, seed)
+    return (showers for showers, _ in _sample_chunks(model, energies, batch_size, seed))
 
 
-def _sample_chunks(model: ShowerModel, energies: np.ndarray, batch_size: int, seed: int) -> Iterator[np.ndarray]:
+def _sample_chunks(model: ShowerModel, energies: np.ndarray, batch_size: int, seed: int
+                   ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """(showers (n, n_voxels) float32, the model's per-shower weights (n,) or None) per chunk."""
     model.eval()
     device = _model_device(model)
     fork_devices = [device] if device.type == "cuda" else []
@@ -153,14 +155,16 @@ def _sample_chunks(model: ShowerModel, energies: np.ndarray, batch_size: int, se
         chunk_seed = int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
         with torch.random.fork_rng(devices=fork_devices), torch.inference_mode():
             torch.manual_seed(chunk_seed)
-            showers = model.sample(torch.as_tensor(chunk, dtype=torch.float32, device=device))
+            incident = torch.as_tensor(chunk, dtype=torch.float32, device=device)
+            showers = model.sample(incident)
+            weights = model.shower_weights(incident, showers)
         out = showers.detach().to("cpu", torch.float32).numpy()
         if out.ndim != 2 or out.shape[0] != len(chunk) or (n_voxels is not None and out.shape[1] != n_voxels):
             raise InvalidEnergyError(f"model.sample returned shape {out.shape} for {len(chunk)} energies; expected "
                                      f"({len(chunk)}, n_voxels): the model is broken")
         n_voxels = out.shape[1]
         _check_generated(out, chunk, start)
-        yield out
+        yield out, None if weights is None else weights.detach().to("cpu", torch.float64).numpy()
 
 
 def _check_generated(showers: np.ndarray, energies: np.ndarray, offset: int) -> None:
@@ -200,12 +204,15 @@ def generate_to_file(run: str | Path | LoadedRun, out_path: str | Path, incident
     check_energy_range(loaded.model, energies, energy_policy)  # before anything is written
     file_attrs = {"generator": f"caloman {loaded.config.caloman_version}", "model_kind": loaded.config.model_kind,
                   "run_dir": str(loaded.run_dir), "seed": seed, "batch_size": batch_size, **(attrs or {})}
+    if loaded.refinement is not None:
+        file_attrs["refinement"] = loaded.refinement["method"]
+    weighted = loaded.model.weighted  # then every shower gets a weight (a `weights` dataset)
     t0 = time.perf_counter()
-    with ShowerWriter(out_path, n_voxels, binning=loaded.binning, attrs=file_attrs) as writer, \
+    with ShowerWriter(out_path, n_voxels, binning=loaded.binning, attrs=file_attrs, weights=weighted) as writer, \
             ProgressBar(len(energies), desc="generate", unit="shower") as bar:
         start = 0
-        for showers in _sample_chunks(loaded.model, energies, batch_size, seed):
-            writer.append(energies[start:start + len(showers)], showers)
+        for showers, weights in _sample_chunks(loaded.model, energies, batch_size, seed):
+            writer.append(energies[start:start + len(showers)], showers, weights)
             start += len(showers)
             bar.update(len(showers))
     seconds = time.perf_counter() - t0

@@ -1,7 +1,9 @@
 """Reading and writing CaloChallenge HDF5 shower files.
 
 A file holds two datasets, both in MeV: ``incident_energies`` of shape (N, 1)
-and ``showers`` of shape (N, n_voxels). Reading streams in chunks so that even
+and ``showers`` of shape (N, n_voxels); a weighted sample (a DCTR-reweighted
+generator, ``caloman refine --method reweight``) adds ``weights`` (N,), one
+non-negative weight per shower. Files without weights are unweighted. Reading streams in chunks so that even
 dataset 3 (40,500 voxels) never needs the whole file in memory; every value is
 validated as it is read. Writing goes to a temporary file in the target
 directory that is renamed into place only when complete.
@@ -24,6 +26,7 @@ from caloman.geometry import Binning, load_binning
 
 INCIDENT_KEY = "incident_energies"
 SHOWERS_KEY = "showers"
+WEIGHTS_KEY = "weights"
 
 #: Showers read per chunk is chosen so a chunk holds about this many values.
 _VALUES_PER_CHUNK = 4_000_000
@@ -78,6 +81,26 @@ class ShowerFile:
         return e
 
     # -- access ------------------------------------------------------------
+    @property
+    def has_weights(self) -> bool:
+        return WEIGHTS_KEY in self._h5
+
+    def read_weights(self) -> np.ndarray | None:
+        """The per-shower weights (N,) float64, checked finite and non-negative, or None
+        for a file without a ``weights`` dataset."""
+        if not self.has_weights:
+            return None
+        try:
+            w = np.asarray(self._h5[WEIGHTS_KEY][...], dtype=np.float64).reshape(-1)
+        except (OSError, TypeError) as exc:
+            raise ShowerFileError(f"{self.path}: weights unreadable ({exc}); the file is corrupt") from exc
+        if len(w) != self.n_showers:
+            raise ShowerFileError(f"{self.path}: {len(w)} weights for {self.n_showers} showers; the file is "
+                                  "inconsistent")
+        if not (np.isfinite(w).all() and (w >= 0).all()) or not w.sum() > 0:
+            raise InvalidEnergyError(f"{self.path}: weights must be finite and non-negative with a positive sum")
+        return w
+
     @property
     def n_showers(self) -> int:
         return int(self._showers.shape[0])
@@ -262,9 +285,10 @@ class ShowerWriter:
 
     def __init__(self, path: str | Path, n_voxels: int, *, binning: str | Path | Binning | None = None,
                  dtype: np.dtype | type = np.float32, compression_level: int = 4,
-                 attrs: dict[str, str | int | float] | None = None) -> None:
+                 attrs: dict[str, str | int | float] | None = None, weights: bool = False) -> None:
         self.path = Path(path)
         self.binning = load_binning(binning) if binning is not None else None
+        self.weighted = weights
         if self.binning is not None and self.binning.n_voxels != n_voxels:
             raise VoxelCountError(
                 f"{self.path}: binning {self.binning.name} has {self.binning.n_voxels} voxels, "
@@ -288,12 +312,17 @@ class ShowerWriter:
         self._sh = self._h5.create_dataset(SHOWERS_KEY, shape=(0, self.n_voxels), maxshape=(None, self.n_voxels),
                                            dtype=self.dtype, chunks=(rows, self.n_voxels), compression="gzip",
                                            compression_opts=self.compression_level)
+        if self.weighted:
+            self._w = self._h5.create_dataset(WEIGHTS_KEY, shape=(0,), maxshape=(None,), dtype=np.float64,
+                                              chunks=(4096,), compression="gzip",
+                                              compression_opts=self.compression_level)
         for key, value in self.attrs.items():
             self._h5.attrs[key] = value
         return self
 
-    def append(self, incident_energies: np.ndarray, showers: np.ndarray) -> None:
-        """Append showers (n, n_voxels) with incident energies (n,) or (n, 1), in MeV."""
+    def append(self, incident_energies: np.ndarray, showers: np.ndarray, weights: np.ndarray | None = None) -> None:
+        """Append showers (n, n_voxels) with incident energies (n,) or (n, 1), in MeV, and
+        (a writer opened with ``weights=True``, then required) their weights (n,)."""
         assert self._h5 is not None, "use ShowerWriter as a context manager"
         inc = np.asarray(incident_energies, dtype=np.float64).reshape(-1, 1)
         sh = np.asarray(showers)
@@ -305,6 +334,15 @@ class ShowerWriter:
             raise InvalidEnergyError(f"{self.path}: incident energies must be positive and finite")
         check_voxel_energies(sh, where=str(self.path), offset=self.n_written)
         n = sh.shape[0]
+        if (weights is not None) != self.weighted:
+            raise ConfigError(f"{self.path}: weights given to a writer opened with weights={self.weighted}"
+                              if weights is not None else f"{self.path}: this writer needs weights for every shower")
+        if weights is not None:
+            w = np.asarray(weights, dtype=np.float64).reshape(-1)
+            if len(w) != n or not (np.isfinite(w).all() and (w >= 0).all()):
+                raise InvalidEnergyError(f"{self.path}: expected {n} finite non-negative weights, got {w.shape}")
+            self._w.resize(self.n_written + n, axis=0)
+            self._w[self.n_written:] = w
         self._inc.resize(self.n_written + n, axis=0)
         self._sh.resize(self.n_written + n, axis=0)
         self._inc[self.n_written:] = inc

@@ -177,6 +177,8 @@ class LoadedRun:
     config: RunConfig
     history: TrainingHistory
     run_dir: Path
+    #: a refined run's config.json (:mod:`caloman.refinement.runs`); None for a trained run
+    refinement: dict[str, Any] | None = None
 
 
 def make_run_config(model: ShowerModel, binning: Binning, training: TrainingConfig, *,
@@ -241,9 +243,15 @@ def load_run(run_dir: str | Path, *, factory: ModelFactory | None = None, device
     mismatched file (``config.json``, ``model.safetensors``, ``history.json``,
     weights whose tensors do not fit the model the config describes), naming it
     and saying what to do. ``factory`` rebuilds the untrained model from the
-    config (default: :func:`caloman.models.build_model`).
+    config (default: :func:`caloman.models.build_model`). A refined run
+    (``caloman refine``) loads with its base run, its model a
+    :class:`~caloman.refinement.showers.RefinedModel`.
     """
     run_dir = Path(run_dir)
+    from caloman.refinement.runs import is_refined_run, load_refined_run  # noqa: PLC0415 (torch-heavy)
+
+    if is_refined_run(run_dir):  # a trained run with `caloman refine` on top: same interface
+        return load_refined_run(run_dir, factory=factory, device=device)
     config = read_run_config(run_dir)
     resume_hint = _resume_hint(run_dir, config)
     if not config.finished:

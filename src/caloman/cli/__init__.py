@@ -27,6 +27,7 @@ COMMANDS = {
     "demo": "demo",
     "sensitivity": "sensitivity",
     "toy": "toy",
+    "refine": "refine",
 }
 
 

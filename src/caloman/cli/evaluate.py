@@ -41,6 +41,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="use at most N showers of each file, a seeded random subset")
     parser.add_argument("--no-plots", action="store_true", help="skip the pictures")
     parser.add_argument("--no-distances", action="store_true", help="skip FPD/KPD and PRDC")
+    parser.add_argument("--weights", action="store_true",
+                        help="weight the generated showers by the file's `weights` dataset (written by `caloman "
+                             "generate` for a `caloman refine --method reweight` run): histograms, separation "
+                             "powers and the strong classifier test (needs --classifier strong or none)")
     parser.set_defaults(func=run)
     return parser
 
@@ -51,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise ConfigError(f"--out {args.out} is an existing file; give a folder name")
     config = EvaluationConfig(classifier=args.classifier, seed=args.seed, max_showers=args.max_showers,
-                              fpd_kpd=not args.no_distances, prdc=not args.no_distances, plots=not args.no_plots)
+                              fpd_kpd=not args.no_distances, prdc=not args.no_distances, plots=not args.no_plots,
+                              weights=args.weights)
     if args.classifier == "full":
         import torch  # noqa: PLC0415
 
@@ -66,6 +71,9 @@ def run(args: argparse.Namespace) -> int:
     worst = max(separation, key=separation.get) if separation else None
     print(f"evaluated {metrics['n_showers']['generated']} generated against "
           f"{metrics['n_showers']['reference']} reference showers ({metrics['binning']})")
+    if metrics.get("weights"):
+        print(f"generated showers weighted: ESS fraction {metrics['weights']['ess_fraction']:.3f}, "
+              f"largest weight {metrics['weights']['max']:.3g}")
     if worst is not None:
         print(f"separation power: E_tot/E_inc {separation.get('E_tot/E_inc', float('nan')):.4f}, "
               f"largest {separation[worst]:.4f} ({worst})")

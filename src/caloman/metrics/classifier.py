@@ -233,15 +233,17 @@ def calibrate_probabilities(test_probabilities: np.ndarray, test_labels: np.ndar
     return isotonic.predict(np.asarray(probabilities, dtype=np.float64))
 
 
-def jensen_shannon_divergence(labels: np.ndarray, probabilities: np.ndarray) -> float:
-    """JSD = (ln 2 - BCE) / ln 2 from labels (n,) in {0, 1} and probabilities (n,) of label 1.
+def jensen_shannon_divergence(labels: np.ndarray, probabilities: np.ndarray,
+                              weights: np.ndarray | None = None) -> float:
+    """JSD = (ln 2 - BCE) / ln 2 from labels (n,) in {0, 1} and probabilities (n,) of label 1
+    (BCE averaged with per-sample ``weights`` (n,) when given).
 
     This is the challenge's estimate of the Jensen-Shannon divergence in bits for
     balanced classes; the probabilities must lie strictly inside (0, 1).
     """
     y = np.asarray(labels, dtype=np.float64)
     p = np.asarray(probabilities, dtype=np.float64)
-    bce = -np.mean(y * np.log(p) + (1.0 - y) * np.log1p(-p))
+    bce = -np.average(y * np.log(p) + (1.0 - y) * np.log1p(-p), weights=weights)
     return float((math.log(2.0) - bce) / math.log(2.0))
 
 

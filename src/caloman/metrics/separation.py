@@ -172,32 +172,37 @@ def per_energy_ranges() -> list[tuple[float, float]]:
 
 # -- histogramming ----------------------------------------------------------------
 
-def normalised_histogram(values: np.ndarray, edges: np.ndarray) -> tuple[np.ndarray, int]:
+def normalised_histogram(values: np.ndarray, edges: np.ndarray, weights: np.ndarray | None = None
+                         ) -> tuple[np.ndarray, float]:
     """Histogram of ``values`` on ``edges`` normalised to sum to one, and the number
-    of entries in range. Bins are [e_i, e_i+1) with the last one closed, entries
-    outside are dropped (``np.histogram``); all zeros when nothing is in range."""
-    counts, _ = np.histogram(np.asarray(values).reshape(-1), bins=edges)
+    (or with ``weights``, same shape as values, the summed weight) of entries in range.
+    Bins are [e_i, e_i+1) with the last one closed, entries outside are dropped
+    (``np.histogram``); all zeros when nothing is in range."""
+    counts, _ = np.histogram(np.asarray(values).reshape(-1), bins=edges,
+                             weights=None if weights is None else np.asarray(weights).reshape(-1))
     return _normalise(counts)
 
 
-def _normalise(counts: np.ndarray) -> tuple[np.ndarray, int]:
-    total = int(counts.sum())
-    if total == 0:
+def _normalise(counts: np.ndarray) -> tuple[np.ndarray, float]:
+    total = counts.sum()
+    if not total > 0:
         return np.zeros(len(counts)), 0
     return counts / total, total
 
 
-def _separation_of(reference: np.ndarray, n_reference: int, generated: np.ndarray, n_generated: int) -> float:
+def _separation_of(reference: np.ndarray, n_reference: float, generated: np.ndarray, n_generated: float) -> float:
     if n_reference == 0 or n_generated == 0:
         return 0.0 if n_reference == n_generated else 1.0
     return separation_power(reference, generated)
 
 
 def histogram_pair(key: str, label: str, reference_values: np.ndarray, generated_values: np.ndarray,
-                   edges: np.ndarray, *, log_x: bool = False) -> FeatureHistogram:
-    """Histogram one feature of both samples on shared edges and compute the separation power."""
+                   edges: np.ndarray, *, log_x: bool = False, generated_weights: np.ndarray | None = None
+                   ) -> FeatureHistogram:
+    """Histogram one feature of both samples on shared edges and compute the separation
+    power; ``generated_weights`` (one per generated value) weight the generated histogram."""
     ref, n_ref = normalised_histogram(reference_values, edges)
-    gen, n_gen = normalised_histogram(generated_values, edges)
+    gen, n_gen = normalised_histogram(generated_values, edges, generated_weights)
     return FeatureHistogram(key=key, label=label, bin_edges=np.asarray(edges, dtype=np.float64), reference=ref,
                             generated=gen, separation_power=_separation_of(ref, n_ref, gen, n_gen), log_x=log_x)
 
@@ -226,29 +231,33 @@ class VoxelEnergyHistogram:
     def __init__(self, threshold: float, reference_max: float | np.floating, n_edges: int = 50) -> None:
         self.edges = LogBins(n_edges).edges(threshold, reference_max)
         self.reference_counts = np.zeros(n_edges - 1, dtype=np.int64)
-        self.generated_counts = np.zeros(n_edges - 1, dtype=np.int64)
+        self.generated_counts = np.zeros(n_edges - 1, dtype=np.float64)  # summed weights (1 each if unweighted)
 
     @classmethod
     def for_binning(cls, binning: Binning, reference_max: float | np.floating) -> VoxelEnergyHistogram:
         bins = CHALLENGE_BINNINGS[binning_family(binning)]["voxel_energy"].for_layer()
         return cls(binning.readout_threshold, reference_max, n_edges=bins.n_edges)
 
-    def _counts(self, showers: np.ndarray) -> np.ndarray:
+    def _counts(self, showers: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
         values = np.asarray(showers).reshape(-1)
         # Same semantics as np.histogram (half-open bins, last closed), but O(n log n_bins)
         # instead of sorting: most of the evaluation time on big files is spent here.
-        values = values[(values >= self.edges[0]) & (values <= self.edges[-1])]
+        inside = (values >= self.edges[0]) & (values <= self.edges[-1])
+        values = values[inside]
         index = np.searchsorted(self.edges, values, side="right") - 1
         index[index == len(self.edges) - 1] -= 1  # values equal to the last edge
+        if weights is not None:  # one weight per shower, for each of its voxels
+            per_voxel = np.broadcast_to(np.asarray(weights, dtype=np.float64).reshape(-1, 1), np.shape(showers))
+            return np.bincount(index, weights=per_voxel.reshape(-1)[inside], minlength=len(self.edges) - 1)
         return np.bincount(index, minlength=len(self.edges) - 1)
 
     def add_reference(self, showers: np.ndarray) -> None:
         """Add thresholded reference showers (n, n_voxels), MeV."""
         self.reference_counts += self._counts(showers)
 
-    def add_generated(self, showers: np.ndarray) -> None:
-        """Add thresholded generated showers (n, n_voxels), MeV."""
-        self.generated_counts += self._counts(showers)
+    def add_generated(self, showers: np.ndarray, weights: np.ndarray | None = None) -> None:
+        """Add thresholded generated showers (n, n_voxels), MeV, with optional weights (n,)."""
+        self.generated_counts += self._counts(showers, weights)
 
     def result(self, key: str = "voxel_energy") -> FeatureHistogram:
         ref, n_ref = _normalise(self.reference_counts)
@@ -260,7 +269,8 @@ class VoxelEnergyHistogram:
 
 def feature_histograms(reference: ShowerFeatures, generated: ShowerFeatures, binning: Binning | str,
                        voxel_energy: VoxelEnergyHistogram | None = None, *,
-                       per_energy: bool | None = None) -> list[FeatureHistogram]:
+                       per_energy: bool | None = None, generated_weights: np.ndarray | None = None
+                       ) -> list[FeatureHistogram]:
     """All feature histograms of the challenge with their separation powers.
 
     Keys, in this order (``{l}`` is the layer id):
@@ -280,19 +290,22 @@ def feature_histograms(reference: ShowerFeatures, generated: ShowerFeatures, bin
         binning: the showers' binning; its family selects the ranges in :data:`CHALLENGE_BINNINGS`.
         voxel_energy: filled voxel-energy histogram of both samples, or None to leave that key out.
         per_energy: force the per-energy histograms on or off (default: dataset 1 only, as the challenge).
+        generated_weights: one weight per generated shower (n,), weighting every generated
+            histogram (a reweighted generator); None: unweighted.
     """
+    gw = None if generated_weights is None else np.asarray(generated_weights, dtype=np.float64).reshape(-1)
     binning = load_binning(binning)
     table = CHALLENGE_BINNINGS[binning_family(binning)]
     threshold = binning.readout_threshold
     out = [histogram_pair("E_tot/E_inc", r"$E_\mathrm{tot}/E_\mathrm{inc}$",
                           reference.e_tot / reference.incident_energies, generated.e_tot / generated.incident_energies,
-                          table["E_tot/E_inc"].for_layer().edges())]
+                          table["E_tot/E_inc"].for_layer().edges(), generated_weights=gw)]
 
     for layer in reference.e_layer:
         ref_values = reference.e_layer[layer]
         edges = table["E_layer"].for_layer(layer).edges(threshold, ref_values.max() if len(ref_values) else 0.0)
         out.append(histogram_pair(f"E_layer_{layer}", rf"$E_{{{layer}}}$ [MeV]", ref_values,
-                                  generated.e_layer[layer], edges, log_x=True))
+                                  generated.e_layer[layer], edges, log_x=True, generated_weights=gw))
 
     specs = [("EC_eta", "ec_eta", r"centre of energy in $\eta$, layer {l} [mm]"),
              ("EC_phi", "ec_phi", r"centre of energy in $\phi$, layer {l} [mm]"),
@@ -305,7 +318,7 @@ def feature_histograms(reference: ShowerFeatures, generated: ShowerFeatures, bin
         ref_group, gen_group = getattr(reference, attribute), getattr(generated, attribute)
         for layer in ref_group:
             out.append(histogram_pair(f"{name}_layer_{layer}", label.format(l=layer), ref_group[layer],
-                                      gen_group[layer], table[name].for_layer(layer).edges()))
+                                      gen_group[layer], table[name].for_layer(layer).edges(), generated_weights=gw))
 
     if voxel_energy is not None:
         out.append(voxel_energy.result())
@@ -324,5 +337,6 @@ def feature_histograms(reference: ShowerFeatures, generated: ShowerFeatures, bin
             out.append(histogram_pair(f"E_tot/E_inc_E_{int(low)}",
                                       r"$E_\mathrm{tot}/E_\mathrm{inc}$" + f", $E_\\mathrm{{inc}}$ = {int(low)} MeV",
                                       ref_ratio[in_ref], gen_ratio[in_gen],
-                                      rule.for_energy(low, binning.particle).edges()))
+                                      rule.for_energy(low, binning.particle).edges(),
+                                      generated_weights=None if gw is None else gw[in_gen]))
     return out

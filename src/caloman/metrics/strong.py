@@ -203,10 +203,12 @@ class _CrossFit:
 
 
 def _balanced_inputs(kind: str, reference: tuple[np.ndarray, np.ndarray], generated: tuple[np.ndarray, np.ndarray],
-                     binning: Binning, settings: StrongClassifierSettings, seed: int
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+                     binning: Binning, settings: StrongClassifierSettings, seed: int,
+                     generated_weights: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, np.ndarray]:
     """Equal, seeded random subsets of both classes as (inputs, labels (1: reference), incident energies,
-    showers per class); reference rows first."""
+    showers per class, sample weights); reference rows first. Sample weights are 1, or for
+    the generated class ``generated_weights`` of the kept rows scaled to sum to its count."""
     ref_energies, ref_showers = check_showers(*reference, binning, "reference")
     gen_energies, gen_showers = check_showers(*generated, binning, "generated")
     rng = np.random.default_rng(seed)
@@ -221,11 +223,16 @@ def _balanced_inputs(kind: str, reference: tuple[np.ndarray, np.ndarray], genera
     inputs = np.concatenate([strong_inputs(kind, ref_energies[ref_keep], ref_showers[ref_keep], binning),
                              strong_inputs(kind, gen_energies[gen_keep], gen_showers[gen_keep], binning)])
     labels = np.concatenate([np.ones(n_per_class), np.zeros(n_per_class)])
-    return inputs, labels, energies, n_per_class
+    gen_weights = np.ones(n_per_class)
+    if generated_weights is not None:
+        kept = np.asarray(generated_weights, dtype=np.float64).reshape(-1)[gen_keep]
+        gen_weights = kept * (n_per_class / kept.sum())
+    return inputs, labels, energies, n_per_class, np.concatenate([np.ones(n_per_class), gen_weights])
 
 
 def _cross_fit(kind: str, inputs: np.ndarray, labels: np.ndarray, group: np.ndarray,
-               eligible: list[tuple[int, str]], settings: StrongClassifierSettings, seed: int) -> _CrossFit:
+               eligible: list[tuple[int, str]], settings: StrongClassifierSettings, seed: int,
+               weights: np.ndarray) -> _CrossFit:
     """Fit on k - 1 folds, score the k-th, for every k; AUC per energy group of ``eligible``."""
     result = _CrossFit(scores=np.empty(len(labels)), auc=[], jsd=[], iterations=[],
                        auc_per_energy={key: [] for _, key in eligible})
@@ -235,22 +242,24 @@ def _cross_fit(kind: str, inputs: np.ndarray, labels: np.ndarray, group: np.ndar
     with threadpool_limits(limits=settings.max_threads, user_api="openmp"), \
             ProgressBar(settings.n_folds, desc=f"classifier {kind} (strong)", unit="fold") as bar:
         for fold, (train, test) in enumerate(folds.split(inputs, strata)):
-            model = _make_model(settings, seed + fold).fit(inputs[train], labels[train])
+            model = _make_model(settings, seed + fold).fit(inputs[train], labels[train], sample_weight=weights[train])
             p = np.clip(model.predict_proba(inputs[test])[:, 1], PROBABILITY_FLOOR, 1 - PROBABILITY_FLOOR)
             result.scores[test] = p
-            result.auc.append(float(roc_auc_score(labels[test], p)))
-            result.jsd.append(jensen_shannon_divergence(labels[test], p))
+            w = weights[test]
+            result.auc.append(float(roc_auc_score(labels[test], p, sample_weight=w)))
+            result.jsd.append(jensen_shannon_divergence(labels[test], p, w))
             result.iterations.append(int(model.n_iter_))
             for g, key in eligible:
                 mask = group[test] == g
-                result.auc_per_energy[key].append(float(roc_auc_score(labels[test][mask], p[mask])))
+                result.auc_per_energy[key].append(float(roc_auc_score(labels[test][mask], p[mask],
+                                                                      sample_weight=w[mask])))
             bar.update()
     return result
 
 
 def run_strong_test(kind: str, reference: tuple[np.ndarray, np.ndarray], generated: tuple[np.ndarray, np.ndarray],
                     binning: Binning, settings: StrongClassifierSettings | None = None,
-                    seed: int = 42) -> ClassifierResult:
+                    seed: int = 42, generated_weights: np.ndarray | None = None) -> ClassifierResult:
     """Separate reference from generated showers with boosted trees, k-fold, per energy.
 
     Args:
@@ -260,6 +269,9 @@ def run_strong_test(kind: str, reference: tuple[np.ndarray, np.ndarray], generat
         binning: geometry of both samples.
         settings: :class:`StrongClassifierSettings` (default: the defaults).
         seed: seeds the subsets, the folds and the trees.
+        generated_weights: one weight per generated shower (N,) (a reweighted generator):
+            the trees train and the AUCs and JSD are computed with these sample weights
+            (scaled so the generated class keeps its total weight). None: unweighted.
 
     Returns:
         :class:`ClassifierResult` with ``setting`` "strong": AUC and JSD as means
@@ -270,20 +282,21 @@ def run_strong_test(kind: str, reference: tuple[np.ndarray, np.ndarray], generat
     settings = settings or StrongClassifierSettings()
     if kind not in KINDS:
         raise ConfigError(f"unknown classifier input kind {kind!r}: use one of {', '.join(KINDS)}")
-    inputs, labels, energies, n_per_class = _balanced_inputs(kind, reference, generated, binning, settings, seed)
+    inputs, labels, energies, n_per_class, weights = _balanced_inputs(kind, reference, generated, binning, settings,
+                                                                      seed, generated_weights)
     keys, group = energy_groups(energies, settings.energy_bins)
     counts = {key: min(int(np.count_nonzero(group[:n_per_class] == g)), int(np.count_nonzero(group[n_per_class:] == g)))
               for g, key in enumerate(keys)}
     # An AUC per energy needs both classes in every test fold.
     eligible = [(g, key) for g, key in enumerate(keys)
                 if counts[key] >= max(settings.min_showers_per_energy, settings.n_folds)]
-    fit = _cross_fit(kind, inputs, labels, group, eligible, settings, seed)
+    fit = _cross_fit(kind, inputs, labels, group, eligible, settings, seed, weights)
 
     auc, auc_error = _mean_and_error(fit.auc)
     per_energy, per_energy_error = {}, {}
     for _, key in eligible:
         per_energy[key], per_energy_error[key] = _mean_and_error(fit.auc_per_energy[key])
-    fpr, tpr, _ = roc_curve(labels, fit.scores)
+    fpr, tpr, _ = roc_curve(labels, fit.scores, sample_weight=weights)
     return ClassifierResult(kind=kind, auc=auc, jsd=float(np.mean(fit.jsd)), setting=settings.name,
                             fpr=fpr, tpr=tpr, best_epoch=int(round(float(np.mean(fit.iterations)))),
                             auc_error=auc_error, auc_per_energy=per_energy, auc_per_energy_error=per_energy_error,

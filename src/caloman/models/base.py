@@ -110,6 +110,8 @@ class ShowerModel(nn.Module, ABC):
     """
 
     kind: ClassVar[str]
+    #: True for a weighted generator, whose :meth:`shower_weights` returns one weight per shower
+    weighted: bool = False
 
     def __init__(self, config: Any = None, binning: Any = None) -> None:
         super().__init__()
@@ -151,6 +153,55 @@ class ShowerModel(nn.Module, ABC):
         normal, uniform = self.noise_shape().draw(len(incident_energies), device=incident_energies.device,
                                                   dtype=dtype)
         return self.sample_from_noise(incident_energies, normal, uniform if uniform.shape[1] else None)
+
+    # -- the refinable latent (LaSeR, :mod:`caloman.refinement`) -----------------------------
+    def latent_blocks(self) -> tuple[str, ...]:
+        """Names of the normal noise blocks that form the latent z a refinement may
+        reshape (default: every normal block). The other blocks stay the path's own
+        noise, drawn afresh for every shower."""
+        return tuple(dict.fromkeys(b.name for b in self.noise_shape().blocks if b.distribution == "normal"))
+
+    def latent_columns(self) -> tuple[list[int], list[int]]:
+        """Columns of the ``normal`` noise tensor that hold the latent, and the rest."""
+        offsets = self.noise_shape().offsets()
+        unknown = set(self.latent_blocks()) - set(offsets)
+        if unknown:
+            raise ValueError(f"{type(self).__name__}.latent_blocks names no normal noise block: {sorted(unknown)}")
+        latent = [i for name in self.latent_blocks() for i in range(*offsets[name].indices(10**12))]
+        chosen = set(latent)
+        return latent, [i for i in range(self.noise_shape().normal) if i not in chosen]
+
+    def latent_size(self) -> int:
+        """Numbers in one shower's latent z."""
+        return len(self.latent_columns()[0])
+
+    def sample_latent(self, n: int, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+                      ) -> Tensor:
+        """n latents (n, latent_size()) from the model's own prior, standard normal."""
+        return torch.randn(n, self.latent_size(), device=device, dtype=dtype)
+
+    def showers_from_latent(self, incident_energies: Tensor, latent: Tensor, normal_rest: Tensor | None = None,
+                            uniform: Tensor | None = None) -> Tensor:
+        """Showers (n, n_voxels) in MeV from latents (n, latent_size()): ``latent`` fills
+        the latent blocks' columns of the normal noise, ``normal_rest`` (n, normal -
+        latent_size()) the others and ``uniform`` the uniform noise; those two are drawn
+        from torch's global generator when None. Then :meth:`sample_from_noise`."""
+        shape = self.noise_shape()
+        latent_cols, rest_cols = self.latent_columns()
+        n = len(latent)
+        normal = latent.new_empty(n, shape.normal)
+        normal[:, latent_cols] = latent
+        if rest_cols:
+            normal[:, rest_cols] = (torch.randn(n, len(rest_cols), device=latent.device, dtype=latent.dtype)
+                                    if normal_rest is None else normal_rest.to(latent.dtype))
+        if uniform is None and shape.uniform:
+            uniform = torch.rand(n, shape.uniform, device=latent.device, dtype=latent.dtype)
+        return self.sample_from_noise(incident_energies, normal, uniform)
+
+    def shower_weights(self, incident_energies: Tensor, showers: Tensor) -> Tensor | None:
+        """One weight per generated shower (n,) for a weighted generator (``weighted``: a
+        DCTR-reweighted run), or None for an unweighted one (every model but those)."""
+        return None
 
     def export_refusal(self) -> str | None:
         """Why :meth:`sample_from_noise` cannot be recorded as a static graph (a sentence

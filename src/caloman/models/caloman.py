@@ -673,3 +673,8 @@ class CaloManModel(ShowerModel):
         if self.per_layer:
             log_p = log_p + self.layer_energy.log_prob(features.layer_features, features.incident).double()
         return log_p
+
+    def latent_blocks(self) -> tuple[str, ...]:
+        """The base spaces of the two flows (layer-energy flow for per-layer preprocessing,
+        latent flow) form the refinable latent; the voxel noise is the path's own noise."""
+        return ("layer_energies", "latent") if self.per_layer else ("latent",)

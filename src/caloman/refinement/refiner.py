@@ -64,6 +64,11 @@ class WeightedFlowRefiner(nn.Module):
         u = (z - self.shift) / self.scale
         return self._dist(condition).log_prob(u) - self.scale.log().sum()
 
+    def from_noise(self, noise: Tensor, condition: Tensor | None = None) -> Tensor:
+        """The deterministic map behind :meth:`sample`: z (n, features) for standard-normal
+        base noise (n, features) of the flow, one row per row of condition (n, context)."""
+        return self._dist(condition).transform.inv(noise) * self.scale + self.shift
+
     def sample(self, n: int | None = None, condition: Tensor | None = None) -> Tensor:
         """n samples (unconditional) or one per row of condition (n, context); (n, features)."""
         with torch.no_grad():
