@@ -57,7 +57,8 @@ def test_latent_round_trip(base):
     model = load_run(base / "run").model
     assert model.latent_blocks() == ("layer_energies", "latent")
     latent_cols, rest_cols = model.latent_columns()
-    assert model.latent_size() == 2 + 2 and len(rest_cols) == 14  # two layers + latent_dim; one per voxel
+    # two layers + latent_dim; the voxel noise: two normals per voxel (spot count and spot energies)
+    assert model.latent_size() == 2 + 2 and len(rest_cols) == 2 * model.n_voxels == 28
     torch.manual_seed(3)
     incident = torch.full((50,), 4096.0)
     normal, uniform = model.noise_shape().draw(50)
@@ -93,7 +94,7 @@ def test_refine_then_generate(base, method, capsys):
 def test_refiner_noise_replaces_the_latent_blocks(base):
     model = load_run(_refine(base, "refiner")).model
     names = [(b.name, b.distribution) for b in model.noise_shape().blocks]
-    assert names == [("refiner", "normal"), ("voxels", "normal"), ("voxels", "uniform")]
+    assert names == [("refiner", "normal"), ("voxels", "normal"), ("voxels", "uniform"), ("spot_energies", "normal")]
     incident = torch.full((20,), 2048.0)
     normal, uniform = model.noise_shape().draw(20)
     with torch.no_grad():

@@ -232,8 +232,10 @@ def _balanced_inputs(kind: str, reference: tuple[np.ndarray, np.ndarray], genera
 
 def _cross_fit(kind: str, inputs: np.ndarray, labels: np.ndarray, group: np.ndarray,
                eligible: list[tuple[int, str]], settings: StrongClassifierSettings, seed: int,
-               weights: np.ndarray) -> _CrossFit:
-    """Fit on k - 1 folds, score the k-th, for every k; AUC per energy group of ``eligible``."""
+               weights: np.ndarray | None) -> _CrossFit:
+    """Fit on k - 1 folds, score the k-th, for every k; AUC per energy group of ``eligible``.
+    ``weights`` (n,) are sample weights; None (unweighted) keeps the trees' constant-hessian
+    fast path and the exact unweighted numbers."""
     result = _CrossFit(scores=np.empty(len(labels)), auc=[], jsd=[], iterations=[],
                        auc_per_energy={key: [] for _, key in eligible})
     # Stratify on (class, energy group): every fold sees every energy in both classes.
@@ -242,17 +244,18 @@ def _cross_fit(kind: str, inputs: np.ndarray, labels: np.ndarray, group: np.ndar
     with threadpool_limits(limits=settings.max_threads, user_api="openmp"), \
             ProgressBar(settings.n_folds, desc=f"classifier {kind} (strong)", unit="fold") as bar:
         for fold, (train, test) in enumerate(folds.split(inputs, strata)):
-            model = _make_model(settings, seed + fold).fit(inputs[train], labels[train], sample_weight=weights[train])
+            model = _make_model(settings, seed + fold).fit(
+                inputs[train], labels[train], sample_weight=None if weights is None else weights[train])
             p = np.clip(model.predict_proba(inputs[test])[:, 1], PROBABILITY_FLOOR, 1 - PROBABILITY_FLOOR)
             result.scores[test] = p
-            w = weights[test]
+            w = None if weights is None else weights[test]
             result.auc.append(float(roc_auc_score(labels[test], p, sample_weight=w)))
             result.jsd.append(jensen_shannon_divergence(labels[test], p, w))
             result.iterations.append(int(model.n_iter_))
             for g, key in eligible:
                 mask = group[test] == g
-                result.auc_per_energy[key].append(float(roc_auc_score(labels[test][mask], p[mask],
-                                                                      sample_weight=w[mask])))
+                result.auc_per_energy[key].append(float(roc_auc_score(
+                    labels[test][mask], p[mask], sample_weight=None if w is None else w[mask])))
             bar.update()
     return result
 
@@ -290,13 +293,14 @@ def run_strong_test(kind: str, reference: tuple[np.ndarray, np.ndarray], generat
     # An AUC per energy needs both classes in every test fold.
     eligible = [(g, key) for g, key in enumerate(keys)
                 if counts[key] >= max(settings.min_showers_per_energy, settings.n_folds)]
-    fit = _cross_fit(kind, inputs, labels, group, eligible, settings, seed, weights)
+    fit = _cross_fit(kind, inputs, labels, group, eligible, settings, seed,
+                     None if generated_weights is None else weights)
 
     auc, auc_error = _mean_and_error(fit.auc)
     per_energy, per_energy_error = {}, {}
     for _, key in eligible:
         per_energy[key], per_energy_error[key] = _mean_and_error(fit.auc_per_energy[key])
-    fpr, tpr, _ = roc_curve(labels, fit.scores, sample_weight=weights)
+    fpr, tpr, _ = roc_curve(labels, fit.scores, sample_weight=None if generated_weights is None else weights)
     return ClassifierResult(kind=kind, auc=auc, jsd=float(np.mean(fit.jsd)), setting=settings.name,
                             fpr=fpr, tpr=tpr, best_epoch=int(round(float(np.mean(fit.iterations)))),
                             auc_error=auc_error, auc_per_energy=per_energy, auc_per_energy_error=per_energy_error,

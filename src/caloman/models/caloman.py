@@ -237,7 +237,7 @@ class CaloManConfig(ModelConfig):
         return cls(preprocessing="paper", reconstruction_loss="mse", encoder_input="none", kl_weight=1e-6,
                    flow_hypernet="residual-glu", flow_hidden=(128, 128, 128), threshold_inputs=False,
                    conditional_autoencoder=False, dequantise_empty_layers=False, output_threshold=False,
-                   voxel_noise="none")
+                   voxel_noise="none", reconstruction_energy_power=0.0)
 
 
 @dataclass
