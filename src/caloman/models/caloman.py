@@ -503,14 +503,15 @@ class CaloManModel(ShowerModel):
         candidates = {k: self._spot_scale_table(*sums, k) for k in spot_noise.SHAPE_GRID}
         near_threshold = next(iter(candidates.values()))[1].flatten()  # the same cells for every k
         candidates = {k: table for k, (table, _) in candidates.items()}
+        flat_candidates = {k: table.flatten() for k, table in candidates.items()}
         rng = np.random.default_rng(seed)
         shapes, scores = np.zeros(self.n_layers), {}
         table = np.zeros((n_groups, n_bins))
         for layer in range(self.n_layers):
             mine = np.nonzero((layer_of_cell[cells] == layer) & near_threshold[cells])[0]
             mine = rng.permutation(mine)[:max_voxels_per_layer]
-            best, scores[layer] = spot_noise.choose_shape({k: t.flatten() for k, t in candidates.items()},
-                                                          means[mine], energies[mine], cells[mine], self.threshold)
+            best, scores[layer] = spot_noise.choose_shape(flat_candidates, means[mine], energies[mine], cells[mine],
+                                                          self.threshold)
             shapes[layer] = best
             rows = slice(layer * self.n_rings, (layer + 1) * self.n_rings)
             table[rows] = candidates[best][rows]
@@ -600,12 +601,17 @@ class CaloManModel(ShowerModel):
         """Each voxel of showers (n, V) in MeV as theta Gamma(N k), N ~ Poisson(x / (k theta)),
         with k its layer's spot shape and theta its (layer, ring, energy) spot scale
         (:func:`~caloman.models.spot_noise.spot_fluctuations`)."""
-        n_bins = self.spot_scales.shape[1]
-        cells = self.voxel_group_index * n_bins + quanta_bins(showers)
-        scales = self.spot_scales.to(showers.dtype).flatten()[cells]
+        scales = self._per_voxel_entry(self.spot_scales, showers)
         shapes = self.spot_shapes.to(showers.dtype)[self.voxel_layer_index]
         return spot_noise.spot_fluctuations(showers, scales, shapes, self.spot_table_rows, self.spot_quantiles,
                                             normal, uniform, spot_normal)
+
+    def _per_voxel_entry(self, table: Tensor, showers: Tensor) -> Tensor:
+        """Each voxel's entry (n, V) of a (layer * ring, energy bin) table, the bin from the
+        voxel's energy in showers (n, V) MeV: one flat gather (ONNX-friendly) instead of
+        indexing with two index tensors."""
+        cells = self.voxel_group_index * table.shape[1] + quanta_bins(showers)
+        return table.to(showers.dtype).flatten()[cells]
 
     def _poisson(self, showers: Tensor, normal: Tensor, uniform: Tensor) -> Tensor:
         """Each voxel x of showers (n, V) drawn as q Poisson(x / q) from the noise (n, V) each
@@ -613,10 +619,7 @@ class CaloManModel(ShowerModel):
         energy) entry of ``voxel_quanta_table`` (or its layer's quantum for a model without
         the table; q = 0 keeps x)."""
         if bool((self.voxel_quanta_table > 0).any()):
-            n_bins = self.voxel_quanta_table.shape[1]
-            # One flat gather (ONNX-friendly) instead of indexing with two index tensors.
-            cells = self.voxel_group_index * n_bins + quanta_bins(showers)
-            quanta = self.voxel_quanta_table.to(showers.dtype).flatten()[cells]
+            quanta = self._per_voxel_entry(self.voxel_quanta_table, showers)
         else:
             quanta = self.voxel_quanta.to(showers.dtype)[self.voxel_layer_index].expand_as(showers)
         return poisson_fluctuations(showers, quanta, normal, uniform)
