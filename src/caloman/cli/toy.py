@@ -14,7 +14,7 @@ from caloman import __version__
 from caloman.errors import ConfigError
 from caloman.io import atomic_directory
 from caloman.toy import DATASETS, METHODS, full_settings, quick_settings, run_toy
-from caloman.toy.plots import plot_toy
+from caloman.toy.plots import plot_manifold_toy, plot_toy
 
 logger = logging.getLogger("caloman")
 
@@ -23,14 +23,18 @@ examples:
   caloman toy double-donut --method flow --out toy/donut-flow
   caloman toy four-gaussians --method laser-hmc --out toy/gauss-hmc --seed 2
   caloman toy three-rings --method dctr --out /tmp/rings --quick
+  caloman toy two-circles --method ebim --out toy/circles-ebim
 
 writes DIR/metrics.json (emd, jsd and the paper-convention emd_paper, jsd_paper at the top
-level; 'truth': the same for an independent truth sample, the noise floor) and DIR/toy.png."""
+level; 'truth': the same for an independent truth sample, the noise floor) and DIR/toy.png.
+The manifold toys (von-mises-mixture, two-circles, torus, sphere-mixture; methods ebim,
+pushforward) report wasserstein (W2^2 of subsamples) and emd instead, and toy.png shows the
+samples over the learned manifold."""
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        "toy", help="known-truth 2-D experiment: train a method on a toy dataset, score it (EMD, JSD)",
+        "toy", help="known-truth experiment: train a method on a toy dataset, score it (EMD, JSD, W2)",
         description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset", help=f"one of {', '.join(DATASETS)}")
     parser.add_argument("--method", required=True, help=f"one of {', '.join(METHODS)}")
@@ -60,16 +64,22 @@ def run(args: argparse.Namespace) -> int:
     if args.method not in METHODS:
         raise ConfigError(f"unknown toy method {args.method!r}; choose one of {', '.join(METHODS)}")
     settings = quick_settings() if args.quick else full_settings()
+    manifold = DATASETS[args.dataset].manifold_dimension is not None
     logger.info("toy %s with %s (%s, seed %d): %d training points, %d evaluation points", args.dataset,
-                args.method, "quick" if args.quick else "full", args.seed, settings.n_train, settings.n_eval)
+                args.method, "quick" if args.quick else "full", args.seed,
+                settings.manifold_n_train if manifold else settings.n_train,
+                settings.manifold_n_eval if manifold else settings.n_eval)
     with atomic_directory(args.out) as work:
         result = run_toy(args.dataset, args.method, settings, seed=args.seed)
         record = {**result.summary(), "profile": "quick" if args.quick else "full", "versions": _versions()}
         (work / "metrics.json").write_text(json.dumps(to_jsonable(record), indent=2) + "\n")
-        plot_toy(work / "toy.png", result.truth, result.output.samples, result.output.weights,
-                 result.dataset.hist_range, method=args.method, dataset=args.dataset)
-    m, t = result.metrics, result.truth_metrics
-    logger.info("%s %s: EMD %.4f (truth %.4f), JSD %.4f (truth %.4f); paper convention EMD %.4f (%.4f), "
-                "JSD %.4f (%.4f) -> %s", args.dataset, args.method, m["emd"], t["emd"], m["jsd"], t["jsd"],
-                m["emd_paper"], t["emd_paper"], m["jsd_paper"], t["jsd_paper"], args.out)
+        if result.dataset.manifold_dimension is None:
+            plot_toy(work / "toy.png", result.truth, result.output.samples, result.output.weights,
+                     result.dataset.hist_range, method=args.method, dataset=args.dataset)
+        else:
+            plot_manifold_toy(work / "toy.png", result.truth, result.output.samples, result.output.zero_set,
+                              method=args.method, dataset=args.dataset)
+    scores = ", ".join(f"{name} {value:.4g} (truth {result.truth_metrics[name]:.4g})"
+                       for name, value in result.metrics.items())
+    logger.info("%s %s: %s -> %s", args.dataset, args.method, scores, args.out)
     return 0

@@ -1,5 +1,9 @@
 """Known-truth 2-D datasets (LaSeR, arXiv:2106.00792, sec. 4; reference ``data/generate_*.py``).
 
+The manifold toys (EBIM, Ross et al. 2023, the reference notebooks; exact samplers here) lie on a
+circle, two circles, a torus in R^3 or the sphere S^2 and are scored with the
+sample Wasserstein distance only.
+
 Each entry of :data:`DATASETS` gives a sampler ``sample(n, rng) -> (n, 2)`` and the
 histogram range the binned metrics use. Adding a dataset is one
 :func:`register_dataset` call.
@@ -22,6 +26,9 @@ class ToyDataset:
     hist_range: Range  # ((x_low, x_high), (y_low, y_high)) of the 100 x 100 metric histograms
     full_size: int  # size of the reference code's data set
     description: str
+    dimension: int = 2
+    metrics: tuple[str, ...] = ("emd", "jsd", "emd_paper", "jsd_paper")  # what metrics.json reports
+    manifold_dimension: int | None = None  # m for data on an m-manifold (the implicit-manifold toys)
 
 
 DATASETS: dict[str, ToyDataset] = {}
@@ -70,3 +77,72 @@ register_dataset(ToyDataset("double-donut", double_donut, ((-11.0, 11.0), (-7.0,
                             "two rings (radius ~ N(4, 1), uniform angle) centred at (+-4, 0)"))
 register_dataset(ToyDataset("three-rings", three_rings, ((-19.0, 19.0), (-7.0, 7.0)), 150_000,
                             "three rings (radius ~ N(4, 1), uniform angle) centred at x = -12, 0, 12"))
+
+
+MANIFOLD_METRICS = ("wasserstein", "emd")
+
+
+def von_mises_circle(n: int, rng: np.random.Generator, means: tuple[float, ...], kappas: tuple[float, ...],
+                     centre: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+    """Equal-weight mixture of von Mises angles on the unit circle around ``centre``; (n, 2)."""
+    component = rng.integers(len(means), size=n)
+    phi = rng.vonmises(np.asarray(means)[component], np.asarray(kappas)[component])
+    return np.stack([np.cos(phi), np.sin(phi)], axis=1) + np.asarray(centre)
+
+
+def von_mises_mixture(n: int, rng: np.random.Generator) -> np.ndarray:
+    return von_mises_circle(n, rng, (0.0, 2.0), (4.0, 8.0))
+
+
+def two_circles(n: int, rng: np.random.Generator) -> np.ndarray:
+    """Unit circles at (-1.8, 0) and (1.8, 0), half the points each, von Mises kappa 2 at angles pi/2, -pi/2."""
+    left, right = _split_counts(n, 2)
+    x = np.concatenate([von_mises_circle(left, rng, (np.pi / 2,), (2.0,), (-1.8, 0.0)),
+                        von_mises_circle(right, rng, (-np.pi / 2,), (2.0,), (1.8, 0.0))])
+    return x[rng.permutation(n)]
+
+
+def torus(n: int, rng: np.random.Generator, major: float = 3.0, minor: float = 1.0) -> np.ndarray:
+    """Torus in R^3 (radii 3, 1): independent von Mises angles (mean 0, kappa 2; mean pi/2, kappa 4),
+    a product density in the angles (not in the torus's area measure); (n, 3)."""
+    u, v = rng.vonmises(0.0, 2.0, n), rng.vonmises(np.pi / 2, 4.0, n)
+    ring = major + minor * np.cos(v)
+    return np.stack([ring * np.cos(u), ring * np.sin(u), minor * np.sin(v)], axis=1)
+
+
+def von_mises_fisher(n: int, rng: np.random.Generator, mean: np.ndarray, kappa: float) -> np.ndarray:
+    """Von Mises-Fisher on S^2 (exact: the cosine to the mean is w = 1 + log(u + (1 - u) e^(-2 kappa)) / kappa)."""
+    u = rng.uniform(size=n)
+    w = 1.0 + np.log(u + (1.0 - u) * np.exp(-2.0 * kappa)) / kappa
+    phi = rng.uniform(0.0, 2 * np.pi, n)
+    s = np.sqrt(np.clip(1.0 - w ** 2, 0.0, None))
+    local = np.stack([s * np.cos(phi), s * np.sin(phi), w], axis=1)
+    mean = np.asarray(mean, dtype=float) / np.linalg.norm(mean)
+    # a rotation taking e_z to the mean (Householder reflection; it maps the vMF onto itself)
+    e = np.array([0.0, 0.0, 1.0])
+    v = e - mean
+    if np.linalg.norm(v) < 1e-12:
+        return local
+    h = np.eye(3) - 2.0 * np.outer(v, v) / (v @ v)
+    return local @ h.T
+
+
+def sphere_mixture(n: int, rng: np.random.Generator) -> np.ndarray:
+    """Equal mixture of von Mises-Fisher (kappa 5) at +-(1, 0, 0) and (0, 0, 1) on S^2; (n, 3)."""
+    means = (np.array([1.0, 0.0, 0.0]), np.array([-1.0, 0.0, 0.0]), np.array([0.0, 0.0, 1.0]))
+    x = np.concatenate([von_mises_fisher(k, rng, m, 5.0) for k, m in zip(_split_counts(n, 3), means)])
+    return x[rng.permutation(n)]
+
+
+register_dataset(ToyDataset("von-mises-mixture", von_mises_mixture, ((-1.5, 1.5), (-1.5, 1.5)), 1000,
+                            "unit circle: von Mises mixture, means 0 and 2 rad, kappa 4 and 8, equal weights",
+                            metrics=MANIFOLD_METRICS, manifold_dimension=1))
+register_dataset(ToyDataset("two-circles", two_circles, ((-3.3, 3.3), (-1.5, 1.5)), 1000,
+                            "unit circles at (+-1.8, 0), von Mises kappa 2 (means pi/2 left, -pi/2 right), "
+                            "equal weights", metrics=MANIFOLD_METRICS, manifold_dimension=1))
+register_dataset(ToyDataset("torus", torus, ((-4.5, 4.5), (-4.5, 4.5)), 1000,
+                            "torus in R^3 (radii 3, 1), product of von Mises angles (0, kappa 2; pi/2, kappa 4)",
+                            dimension=3, metrics=MANIFOLD_METRICS, manifold_dimension=2))
+register_dataset(ToyDataset("sphere-mixture", sphere_mixture, ((-1.5, 1.5), (-1.5, 1.5)), 1000,
+                            "S^2: von Mises-Fisher mixture, kappa 5 at (+-1, 0, 0) and (0, 0, 1), equal weights",
+                            dimension=3, metrics=MANIFOLD_METRICS, manifold_dimension=2))

@@ -9,9 +9,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from caloman.implicit import EnergyConfig, ManifoldConfig, SamplerConfig
 from caloman.refinement import ClassifierConfig, HMCConfig, RefinerConfig
 from caloman.toy.datasets import DATASETS, ToyDataset
-from caloman.toy.methods import METHODS, BaseFlowConfig, MethodOutput, ToySettings
+from caloman.toy.methods import METHODS, BaseFlowConfig, EBIMToyConfig, MethodOutput, PushforwardConfig, ToySettings
 from caloman.toy.metrics import evaluate
 
 
@@ -37,6 +38,12 @@ def quick_settings() -> ToySettings:
         classifier=ClassifierConfig(hidden=(32, 32), epochs=3, batch_size=256),
         refiner=RefinerConfig(transforms=2, hidden=(32, 32), epochs=3, batch_size=256),
         hmc=HMCConfig(n_chains=100, leapfrog_steps=5, burn_in=10, samples_per_chain=30),
+        manifold_n_train=300, manifold_n_eval=1000,
+        ebim=EBIMToyConfig(manifold=ManifoldConfig(epochs=15, buffer_size=1000),
+                           energy=EnergyConfig(epochs=2, buffer_size=300,
+                                               sampler=SamplerConfig(steps=3, step_size=0.3)),
+                           volume_points=20_000, sampler=SamplerConfig(steps=10, step_size=0.3)),
+        pushforward=PushforwardConfig(autoencoder_epochs=20, flow_epochs=10, flow_transforms=2, flow_hidden=(32, 32)),
     )
 
 
@@ -70,6 +77,9 @@ class ToyResult:
 def run_toy(dataset: str, method: str, settings: ToySettings, seed: int = 0) -> ToyResult:
     """Train ``method`` on ``settings.n_train`` points of ``dataset`` and score it against a truth sample."""
     ds, fn = DATASETS[dataset], METHODS[method]
+    if ds.manifold_dimension is not None:
+        settings = dataclasses.replace(settings, n_train=settings.manifold_n_train, n_eval=settings.manifold_n_eval,
+                                       manifold_dimension=ds.manifold_dimension)
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -81,8 +91,8 @@ def run_toy(dataset: str, method: str, settings: ToySettings, seed: int = 0) -> 
     method_time = time.perf_counter() - start
     metric_rng = np.random.default_rng(seed + 1)
     metrics = evaluate(truth, output.samples, output.weights, hist_range=ds.hist_range, rng=metric_rng,
-                       emd_points=settings.emd_points, emd_repeats=settings.emd_repeats)
+                       emd_points=settings.emd_points, emd_repeats=settings.emd_repeats, metrics=ds.metrics)
     truth_metrics = evaluate(truth, truth_again, None, hist_range=ds.hist_range, rng=metric_rng,
-                             emd_points=settings.emd_points, emd_repeats=settings.emd_repeats)
+                             emd_points=settings.emd_points, emd_repeats=settings.emd_repeats, metrics=ds.metrics)
     timings = {"method": round(method_time, 3), "metrics": round(time.perf_counter() - start - method_time, 3)}
     return ToyResult(ds, method, settings, seed, truth, output, metrics, truth_metrics, timings)

@@ -25,6 +25,7 @@ import torch
 import zuko
 from torch import Tensor, nn
 
+from caloman.implicit import EnergyConfig, ManifoldConfig, SamplerConfig
 from caloman.refinement import (
     ClassifierConfig,
     DensityRatio,
@@ -52,6 +53,30 @@ class BaseFlowConfig:
 
 
 @dataclass(frozen=True)
+class EBIMToyConfig:
+    """EBIM on a manifold toy: F, the constrained energy, the volume estimate and the final chains."""
+
+    manifold: ManifoldConfig = ManifoldConfig()
+    energy: EnergyConfig = EnergyConfig()
+    volume_points: int = 200_000  # uniform box points of the tube-method volume estimate
+    volume_delta: float = 0.05  # tube radius
+    sampler: SamplerConfig = SamplerConfig(steps=100, step_size=0.3)  # final chains, one sample each
+
+
+@dataclass(frozen=True)
+class PushforwardConfig:
+    """The two-step pushforward baseline: an autoencoder with an m-dimensional code, then a flow on the codes."""
+
+    hidden: tuple[int, ...] = (64, 64)
+    autoencoder_epochs: int = 300
+    flow_transforms: int = 3
+    flow_hidden: tuple[int, ...] = (64, 64)
+    flow_epochs: int = 300
+    batch_size: int = 100
+    lr: float = 3e-3
+
+
+@dataclass(frozen=True)
 class ToySettings:
     """Sizes and configurations of one toy experiment."""
 
@@ -64,13 +89,19 @@ class ToySettings:
     classifier: ClassifierConfig = ClassifierConfig()
     refiner: RefinerConfig = RefinerConfig()
     hmc: HMCConfig = HMCConfig()
+    manifold_n_train: int = 1000  # the manifold toys' training points (the EBIM reference: 1000)
+    manifold_n_eval: int = 5000  # their generated (and truth) points
+    manifold_dimension: int | None = None  # m of the dataset's manifold, set by run_toy
+    ebim: EBIMToyConfig = EBIMToyConfig()
+    pushforward: PushforwardConfig = PushforwardConfig()
 
 
 @dataclass
 class MethodOutput:
-    samples: np.ndarray  # (n, 2)
+    samples: np.ndarray  # (n, d)
     weights: np.ndarray | None = None  # (n,) or None (unweighted)
     info: dict[str, object] = field(default_factory=dict)
+    zero_set: np.ndarray | None = None  # (k, d) points on a learned manifold, for the pictures
 
 
 ToyMethod = Callable[[np.ndarray, ToySettings, torch.Generator], MethodOutput]
@@ -126,7 +157,7 @@ class BaseFlow(nn.Module):
         return z, torch.cat([self.generate(z[i:i + 65536]) for i in range(0, n, 65536)])
 
 
-def _timed(info: dict, key: str, start: float) -> float:
+def timed(info: dict, key: str, start: float) -> float:
     now = time.perf_counter()
     info.setdefault("timings_s", {})[key] = round(now - start, 3)
     return now
@@ -135,7 +166,7 @@ def _timed(info: dict, key: str, start: float) -> float:
 def _base(train: np.ndarray, settings: ToySettings, g: torch.Generator, info: dict) -> BaseFlow:
     start = time.perf_counter()
     base = BaseFlow(train.shape[1], settings.base_flow).fit(torch.as_tensor(train, dtype=torch.float32), g)
-    _timed(info, "base_flow", start)
+    timed(info, "base_flow", start)
     info["base_flow_final_nll"] = base.history[-1]["nll"]
     return base
 
@@ -147,7 +178,7 @@ def _base_and_ratio(train: np.ndarray, settings: ToySettings, g: torch.Generator
     _, generated = base.sample(len(train), g)
     ratio = fit_density_ratio(generated, torch.as_tensor(train, dtype=torch.float32), settings.classifier,
                               generator=g)
-    _timed(info, "classifier", start)
+    timed(info, "classifier", start)
     info["classifier_epochs"] = len(ratio.history)
     info["classifier_best_val_loss"] = min(h["val_loss"] for h in ratio.history)
     info["calibration"] = {"slope": float(ratio.slope), "bias": float(ratio.bias)}
@@ -160,7 +191,7 @@ def flow_method(train: np.ndarray, settings: ToySettings, g: torch.Generator) ->
     base = _base(train, settings, g, info)
     start = time.perf_counter()
     _, x = base.sample(settings.n_eval, g)
-    _timed(info, "generate", start)
+    timed(info, "generate", start)
     return MethodOutput(x.numpy(), None, info)
 
 
@@ -171,7 +202,7 @@ def dctr_method(train: np.ndarray, settings: ToySettings, g: torch.Generator) ->
     start = time.perf_counter()
     _, x = base.sample(settings.n_eval, g)
     w = ratio.weight(x)
-    _timed(info, "generate", start)
+    timed(info, "generate", start)
     info["weights"] = weight_summary(w)
     return MethodOutput(x.numpy(), w.numpy(), info)
 
@@ -186,12 +217,12 @@ def laser_refiner_method(train: np.ndarray, settings: ToySettings, g: torch.Gene
     w = pullback.weight(z)
     info["latent_weights"] = weight_summary(w)
     refiner = WeightedFlowRefiner(z.shape[1], config=settings.refiner).fit(z, w, generator=g)
-    start = _timed(info, "refiner", start)
+    start = timed(info, "refiner", start)
     info["refiner_epochs"] = len(refiner.history)
     z_refined = refiner.sample(settings.n_eval)
     with torch.no_grad():
         x = torch.cat([base.generate(z_refined[i:i + 65536]) for i in range(0, len(z_refined), 65536)])
-    _timed(info, "generate", start)
+    timed(info, "generate", start)
     return MethodOutput(x.numpy(), None, info)
 
 
@@ -213,7 +244,7 @@ def laser_hmc_method(train: np.ndarray, settings: ToySettings, g: torch.Generato
     z = result.flat()
     with torch.no_grad():
         x = torch.cat([base.generate(z[i:i + 65536]) for i in range(0, len(z), 65536)])
-    _timed(info, "hmc", start)
+    timed(info, "hmc", start)
     info["hmc"] = {"acceptance_rate": result.acceptance_rate, "burn_in_acceptance_rate":
                    result.burn_in_acceptance_rate, "step_size": result.step_size, "n_samples": len(z)}
     if not math.isfinite(result.acceptance_rate) or result.acceptance_rate < 0.05:
