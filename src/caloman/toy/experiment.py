@@ -11,8 +11,9 @@ import torch
 
 from caloman.refinement import ClassifierConfig, HMCConfig, RefinerConfig
 from caloman.toy.datasets import DATASETS, ToyDataset
-from caloman.toy.methods import METHODS, BaseFlowConfig, MethodOutput, ToySettings
-from caloman.toy.metrics import evaluate
+from caloman.models.mflow import MFlowSchedule
+from caloman.toy.methods import METHODS, BaseFlowConfig, ManifoldToyConfig, MethodOutput, ToySettings
+from caloman.toy.metrics import evaluate, manifold_metrics
 
 
 def full_settings() -> ToySettings:
@@ -37,6 +38,8 @@ def quick_settings() -> ToySettings:
         classifier=ClassifierConfig(hidden=(32, 32), epochs=3, batch_size=256),
         refiner=RefinerConfig(transforms=2, hidden=(32, 32), epochs=3, batch_size=256),
         hmc=HMCConfig(n_chains=100, leapfrog_steps=5, burn_in=10, samples_per_chain=30),
+        manifold=ManifoldToyConfig(train_points=1000, transforms=3, hidden=(16, 16),
+                                   schedule=MFlowSchedule(manifold_epochs=2, density_epochs=2)),
     )
 
 
@@ -84,5 +87,8 @@ def run_toy(dataset: str, method: str, settings: ToySettings, seed: int = 0) -> 
                        emd_points=settings.emd_points, emd_repeats=settings.emd_repeats)
     truth_metrics = evaluate(truth, truth_again, None, hist_range=ds.hist_range, rng=metric_rng,
                              emd_points=settings.emd_points, emd_repeats=settings.emd_repeats)
+    if ds.manifold_distance is not None:
+        metrics |= manifold_metrics(ds, truth, output.samples, output.log_density)
+        truth_metrics |= manifold_metrics(ds, truth, truth_again, ds.log_density)
     timings = {"method": round(method_time, 3), "metrics": round(time.perf_counter() - start - method_time, 3)}
     return ToyResult(ds, method, settings, seed, truth, output, metrics, truth_metrics, timings)

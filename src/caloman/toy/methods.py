@@ -25,6 +25,7 @@ import torch
 import zuko
 from torch import Tensor, nn
 
+from caloman.models.mflow import MFlowSchedule
 from caloman.refinement import (
     ClassifierConfig,
     DensityRatio,
@@ -52,6 +53,20 @@ class BaseFlowConfig:
 
 
 @dataclass(frozen=True)
+class ManifoldToyConfig:
+    """The manifold toys' methods (:mod:`caloman.toy.manifold_methods`): every network's
+    size, the training points used (None: all) and the schedule; the ambient flow trains
+    for manifold_epochs + density_epochs, the two-step VAE's autoencoder for
+    manifold_epochs and its latent flow for density_epochs."""
+
+    train_points: int | None = 10_000
+    transforms: int = 6
+    hidden: tuple[int, ...] = (64, 64)
+    vae_kl_weight: float = 1e-3
+    schedule: MFlowSchedule = MFlowSchedule(manifold_epochs=15, density_epochs=15)
+
+
+@dataclass(frozen=True)
 class ToySettings:
     """Sizes and configurations of one toy experiment."""
 
@@ -64,6 +79,7 @@ class ToySettings:
     classifier: ClassifierConfig = ClassifierConfig()
     refiner: RefinerConfig = RefinerConfig()
     hmc: HMCConfig = HMCConfig()
+    manifold: ManifoldToyConfig = ManifoldToyConfig()
 
 
 @dataclass
@@ -71,6 +87,9 @@ class MethodOutput:
     samples: np.ndarray  # (n, 2)
     weights: np.ndarray | None = None  # (n,) or None (unweighted)
     info: dict[str, object] = field(default_factory=dict)
+    #: the learned log density on the learned manifold at the projections of points (n, D) -> (n,),
+    #: for a method that has one
+    log_density: Callable[[np.ndarray], np.ndarray] | None = None
 
 
 ToyMethod = Callable[[np.ndarray, ToySettings, torch.Generator], MethodOutput]
