@@ -7,9 +7,9 @@ Registries, each extended by one entry: :data:`~caloman.toy.datasets.DATASETS`
 dataset x method; ``caloman toy`` is its command line.
 """
 
+from caloman.toy import manifold_methods  # noqa: F401  (registers the manifold toys' methods)
 from caloman.toy.datasets import DATASETS, ToyDataset, register_dataset
 from caloman.toy.experiment import ToyResult, full_settings, quick_settings, run_toy
-from caloman.toy import manifold_methods  # noqa: F401  (registers the manifold toys' methods)
 from caloman.toy.methods import METHODS, MethodOutput, ToySettings, register_method
 from caloman.toy.metrics import METRICS
 

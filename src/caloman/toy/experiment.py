@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from caloman.models.mflow import MFlowSchedule
 from caloman.refinement import ClassifierConfig, HMCConfig, RefinerConfig
 from caloman.toy.datasets import DATASETS, ToyDataset
-from caloman.models.mflow import MFlowSchedule
 from caloman.toy.methods import METHODS, BaseFlowConfig, ManifoldToyConfig, MethodOutput, ToySettings
 from caloman.toy.metrics import evaluate, manifold_metrics
 
