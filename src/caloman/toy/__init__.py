@@ -1,4 +1,5 @@
-"""Known-truth experiments in 2-D (LaSeR's toys, arXiv:2106.00792, sec. 4).
+"""Known-truth experiments: LaSeR's 2-D toys (arXiv:2106.00792, sec. 4) and densities on
+known manifolds for M-flows (arXiv:2003.13913).
 
 Registries, each extended by one entry: :data:`~caloman.toy.datasets.DATASETS`
 (name -> sampler), :data:`~caloman.toy.methods.METHODS` (name -> train-and-sample),
@@ -6,7 +7,10 @@ Registries, each extended by one entry: :data:`~caloman.toy.datasets.DATASETS`
 dataset x method; ``caloman toy`` is its command line.
 """
 
-from caloman.toy import implicit_methods  # noqa: F401  (registers ebim and pushforward)
+from caloman.toy import (
+           implicit_methods,  # noqa: F401  (registers ebim and pushforward)
+           manifold_methods,  # noqa: F401  (registers the manifold toys' methods)
+)
 from caloman.toy.datasets import DATASETS, ToyDataset, register_dataset
 from caloman.toy.experiment import ToyResult, full_settings, quick_settings, run_toy
 from caloman.toy.methods import METHODS, MethodOutput, ToySettings, register_method

@@ -1,12 +1,17 @@
-"""Known-truth 2-D datasets (LaSeR, arXiv:2106.00792, sec. 4; reference ``data/generate_*.py``).
+"""Known-truth toy datasets: LaSeR's 2-D ones (arXiv:2106.00792, sec. 4; reference
+``data/generate_*.py``) and densities on known manifolds for the M-flow
+(arXiv:2003.13913): ``circle`` (a von Mises density on the unit circle in R^2) and
+``sphere-gaussian`` (a von Mises-Fisher density, the sphere's Gaussian, on S^2 in R^3).
 
 The manifold toys (EBIM, Ross et al. 2023, the reference notebooks; exact samplers here) lie on a
 circle, two circles, a torus in R^3 or the sphere S^2 and are scored with the
 sample Wasserstein distance only.
 
-Each entry of :data:`DATASETS` gives a sampler ``sample(n, rng) -> (n, 2)`` and the
-histogram range the binned metrics use. Adding a dataset is one
-:func:`register_dataset` call.
+Each entry of :data:`DATASETS` gives a sampler ``sample(n, rng) -> (n, D)`` and the
+histogram range the binned metrics use (over the first two coordinates). A dataset on
+a known manifold also gives the exact distance of points from it and the true log
+density on it, w.r.t. the manifold's surface measure (arc length, area). Adding a
+dataset is one :func:`register_dataset` call.
 """
 
 from __future__ import annotations
@@ -29,6 +34,11 @@ class ToyDataset:
     dimension: int = 2
     metrics: tuple[str, ...] = ("emd", "jsd", "emd_paper", "jsd_paper")  # what metrics.json reports
     manifold_dimension: int | None = None  # m for data on an m-manifold (the implicit-manifold toys)
+    #: exact distance (n,) of points (n, D) from the true manifold, for a dataset on one
+    manifold_distance: Callable[[np.ndarray], np.ndarray] | None = None
+    #: true log density (n,) of points (n, D) on the manifold, w.r.t. its surface measure
+    log_density: Callable[[np.ndarray], np.ndarray] | None = None
+    latent_dim: int | None = None  # the manifold's dimension
 
 
 DATASETS: dict[str, ToyDataset] = {}
@@ -146,3 +156,59 @@ register_dataset(ToyDataset("torus", torus, ((-4.5, 4.5), (-4.5, 4.5)), 1000,
 register_dataset(ToyDataset("sphere-mixture", sphere_mixture, ((-1.5, 1.5), (-1.5, 1.5)), 1000,
                             "S^2: von Mises-Fisher mixture, kappa 5 at (+-1, 0, 0) and (0, 0, 1), equal weights",
                             dimension=3, metrics=MANIFOLD_METRICS, manifold_dimension=2))
+#: The M-flow toys report the binned metrics and the Wasserstein distance (their own
+#: manifold metrics are added by ``run_toy``).
+MANIFOLD_TOY_METRICS = ("emd", "jsd", "wasserstein")
+#: Concentration and mean direction of the manifold toys' densities.
+CIRCLE_KAPPA, CIRCLE_MEAN = 2.0, np.pi / 2
+SPHERE_KAPPA, SPHERE_MEAN = 3.0, np.array([0.0, 0.0, 1.0])
+
+
+def unit_sphere_distance(x: np.ndarray) -> np.ndarray:
+    """| ||x|| - 1 |, (n,): the exact distance of points x (n, D) from the unit sphere S^(D-1)."""
+    return np.abs(np.linalg.norm(x, axis=1) - 1.0)
+
+
+def von_mises_unit_circle(n: int, rng: np.random.Generator) -> np.ndarray:
+    """(cos t, sin t) with t ~ von Mises(CIRCLE_MEAN, CIRCLE_KAPPA); (n, 2)."""
+    t = rng.vonmises(CIRCLE_MEAN, CIRCLE_KAPPA, n)
+    return np.stack([np.cos(t), np.sin(t)], axis=1)
+
+
+def von_mises_circle_log_density(x: np.ndarray) -> np.ndarray:
+    """log p per unit arc length (n,) at points x (n, 2) on the circle (their angle counts):
+    kappa cos(t - mu) - log(2 pi I0(kappa)), I0 computed scaled (i0e) for stability."""
+    from scipy.special import i0e  # noqa: PLC0415
+
+    t = np.arctan2(x[:, 1], x[:, 0])
+    return CIRCLE_KAPPA * (np.cos(t - CIRCLE_MEAN) - 1.0) - np.log(2 * np.pi * i0e(CIRCLE_KAPPA))
+
+
+def von_mises_fisher_sphere(n: int, rng: np.random.Generator) -> np.ndarray:
+    """von Mises-Fisher points on S^2 about SPHERE_MEAN = +z with concentration SPHERE_KAPPA
+    (Wood 1994: the cosine w to the mean by inversion, the azimuth uniform); (n, 3)."""
+    k = SPHERE_KAPPA
+    w = 1.0 + np.log(rng.uniform(size=n) * (1 - np.exp(-2 * k)) + np.exp(-2 * k)) / k
+    phi = rng.uniform(0.0, 2 * np.pi, n)
+    s = np.sqrt(np.clip(1 - w ** 2, 0.0, None))
+    return np.stack([s * np.cos(phi), s * np.sin(phi), w], axis=1)
+
+
+def von_mises_fisher_log_density(x: np.ndarray) -> np.ndarray:
+    """log p per unit area (n,) at points x (n, 3) on S^2 (their direction counts):
+    log(kappa / (4 pi sinh kappa)) + kappa mu.x."""
+    k = SPHERE_KAPPA
+    direction = x / np.linalg.norm(x, axis=1, keepdims=True)
+    # log sinh k = k + log(1 - exp(-2k)) - log 2
+    return np.log(k / (2 * np.pi)) - k - np.log1p(-np.exp(-2 * k)) + k * direction @ SPHERE_MEAN
+
+
+register_dataset(ToyDataset("circle", von_mises_unit_circle, ((-1.5, 1.5), (-1.5, 1.5)), 100_000,
+                            f"von Mises density (mean angle pi/2, kappa {CIRCLE_KAPPA:g}) on the unit circle in R^2",
+                            metrics=MANIFOLD_TOY_METRICS, manifold_distance=unit_sphere_distance,
+                            log_density=von_mises_circle_log_density, latent_dim=1))
+register_dataset(ToyDataset("sphere-gaussian", von_mises_fisher_sphere, ((-1.5, 1.5), (-1.5, 1.5)), 100_000,
+                            f"von Mises-Fisher density (mean +z, kappa {SPHERE_KAPPA:g}) on the unit sphere S^2 in "
+                            "R^3; histograms over (x1, x2)", dimension=3, metrics=MANIFOLD_TOY_METRICS,
+                            manifold_distance=unit_sphere_distance, log_density=von_mises_fisher_log_density,
+                            latent_dim=2))

@@ -10,10 +10,19 @@ import numpy as np
 import torch
 
 from caloman.implicit import EnergyConfig, ManifoldConfig, SamplerConfig
+from caloman.models.mflow import MFlowSchedule
 from caloman.refinement import ClassifierConfig, HMCConfig, RefinerConfig
 from caloman.toy.datasets import DATASETS, ToyDataset
-from caloman.toy.methods import METHODS, BaseFlowConfig, EBIMToyConfig, MethodOutput, PushforwardConfig, ToySettings
-from caloman.toy.metrics import evaluate
+from caloman.toy.methods import (
+    METHODS,
+    BaseFlowConfig,
+    EBIMToyConfig,
+    ManifoldToyConfig,
+    MethodOutput,
+    PushforwardConfig,
+    ToySettings,
+)
+from caloman.toy.metrics import evaluate, manifold_metrics
 
 
 def full_settings() -> ToySettings:
@@ -44,6 +53,8 @@ def quick_settings() -> ToySettings:
                                                sampler=SamplerConfig(steps=3, step_size=0.3)),
                            volume_points=20_000, sampler=SamplerConfig(steps=10, step_size=0.3)),
         pushforward=PushforwardConfig(autoencoder_epochs=20, flow_epochs=10, flow_transforms=2, flow_hidden=(32, 32)),
+        manifold=ManifoldToyConfig(train_points=1000, transforms=3, hidden=(16, 16),
+                                   schedule=MFlowSchedule(manifold_epochs=2, density_epochs=2)),
     )
 
 
@@ -94,5 +105,8 @@ def run_toy(dataset: str, method: str, settings: ToySettings, seed: int = 0) -> 
                        emd_points=settings.emd_points, emd_repeats=settings.emd_repeats, metrics=ds.metrics)
     truth_metrics = evaluate(truth, truth_again, None, hist_range=ds.hist_range, rng=metric_rng,
                              emd_points=settings.emd_points, emd_repeats=settings.emd_repeats, metrics=ds.metrics)
+    if ds.manifold_distance is not None:
+        metrics |= manifold_metrics(ds, truth, output.samples, output.log_density)
+        truth_metrics |= manifold_metrics(ds, truth, truth_again, ds.log_density)
     timings = {"method": round(method_time, 3), "metrics": round(time.perf_counter() - start - method_time, 3)}
     return ToyResult(ds, method, settings, seed, truth, output, metrics, truth_metrics, timings)

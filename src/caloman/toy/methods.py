@@ -26,6 +26,7 @@ import zuko
 from torch import Tensor, nn
 
 from caloman.implicit import EnergyConfig, ManifoldConfig, SamplerConfig
+from caloman.models.mflow import MFlowSchedule
 from caloman.refinement import (
     ClassifierConfig,
     DensityRatio,
@@ -77,6 +78,20 @@ class PushforwardConfig:
 
 
 @dataclass(frozen=True)
+class ManifoldToyConfig:
+    """The manifold toys' methods (:mod:`caloman.toy.manifold_methods`): every network's
+    size, the training points used (None: all) and the schedule; the ambient flow trains
+    for manifold_epochs + density_epochs, the two-step VAE's autoencoder for
+    manifold_epochs and its latent flow for density_epochs."""
+
+    train_points: int | None = 10_000
+    transforms: int = 6
+    hidden: tuple[int, ...] = (64, 64)
+    vae_kl_weight: float = 1e-3
+    schedule: MFlowSchedule = MFlowSchedule(manifold_epochs=15, density_epochs=15)
+
+
+@dataclass(frozen=True)
 class ToySettings:
     """Sizes and configurations of one toy experiment."""
 
@@ -94,6 +109,7 @@ class ToySettings:
     manifold_dimension: int | None = None  # m of the dataset's manifold, set by run_toy
     ebim: EBIMToyConfig = EBIMToyConfig()
     pushforward: PushforwardConfig = PushforwardConfig()
+    manifold: ManifoldToyConfig = ManifoldToyConfig()
 
 
 @dataclass
@@ -102,6 +118,9 @@ class MethodOutput:
     weights: np.ndarray | None = None  # (n,) or None (unweighted)
     info: dict[str, object] = field(default_factory=dict)
     zero_set: np.ndarray | None = None  # (k, d) points on a learned manifold, for the pictures
+    #: the learned log density on the learned manifold at the projections of points (n, D) -> (n,),
+    #: for a method that has one
+    log_density: Callable[[np.ndarray], np.ndarray] | None = None
 
 
 ToyMethod = Callable[[np.ndarray, ToySettings, torch.Generator], MethodOutput]

@@ -26,6 +26,15 @@
   maximum over the grid, so its numbers are smaller by about that maximum
   (18 for a [-1.5, 1.5]^2 box) and not directly comparable.
 
+For a dataset on a known manifold (:func:`manifold_metrics`):
+
+- ``manifold_distance``: the mean exact distance of the generated points from the true
+  manifold (for the unit circle and sphere | ||x|| - 1 |);
+- ``log_density_error``: the mean absolute difference between the method's log density
+  on its learned manifold and the true log density on the true one, both w.r.t. the
+  manifold's surface measure, at ``LOG_DENSITY_POINTS`` truth points (None for a method
+  without an on-manifold density).
+
 Adding a metric is one entry in :data:`METRICS`.
 """
 
@@ -36,7 +45,7 @@ from collections.abc import Callable
 import numpy as np
 import ot
 
-from caloman.toy.datasets import Range
+from caloman.toy.datasets import Range, ToyDataset
 
 BINS = 100
 
@@ -127,6 +136,20 @@ def emd_paper(truth: np.ndarray, x: np.ndarray, weights: np.ndarray | None, *, h
 
 METRICS: dict[str, Metric] = {"emd": emd, "jsd": jsd, "emd_paper": emd_paper, "jsd_paper": jsd_paper,
                                "wasserstein": wasserstein}
+
+#: Truth points at which ``log_density_error`` compares densities (a Jacobian each).
+LOG_DENSITY_POINTS = 5000
+
+
+def manifold_metrics(dataset: ToyDataset, truth: np.ndarray, x: np.ndarray,
+                     log_density: Callable[[np.ndarray], np.ndarray] | None) -> dict[str, float | None]:
+    """``manifold_distance`` of the points x (n, D) and ``log_density_error`` of ``log_density``
+    at the first ``LOG_DENSITY_POINTS`` truth points (n, D), for a dataset on a known manifold."""
+    points = truth[:LOG_DENSITY_POINTS]
+    error = None
+    if log_density is not None:
+        error = float(np.mean(np.abs(np.asarray(log_density(points)) - dataset.log_density(points))))
+    return {"manifold_distance": float(np.mean(dataset.manifold_distance(x))), "log_density_error": error}
 
 
 def evaluate(truth: np.ndarray, x: np.ndarray, weights: np.ndarray | None, *, hist_range: Range,
