@@ -172,3 +172,18 @@ def test_read_voxel_count_reads_the_shape_only(tmp_path):
     _raw(tmp_path / "m.h5", inc[:, None], None)
     with pytest.raises(ShowerFileError, match="showers"):
         read_voxel_count(tmp_path / "m.h5")
+
+
+def test_load_showers_random_subset_spans_a_sorted_file(tmp_path):
+    inc, sh = _data(1000)
+    order = np.argsort(inc)
+    p = write_showers(tmp_path / "sorted.h5", inc[order], sh[order], binning="ds1-photons")
+    first, _ = load_showers(p, "ds1-photons", max_showers=200)
+    subset, subset_showers = load_showers(p, "ds1-photons", max_showers=200, subset_seed=3)
+    again, _ = load_showers(p, "ds1-photons", max_showers=200, subset_seed=3)
+    assert len(subset) == 200 and np.array_equal(subset, again)
+    assert np.all(np.diff(subset) >= 0)  # file order kept
+    # the first 200 of a sorted file are its lowest energies; a random subset reaches the top
+    assert first.max() <= np.sort(inc)[199] + 1e-3 < subset.max()
+    rows = np.searchsorted(np.sort(inc.astype(np.float32)), subset)
+    assert subset_showers.shape == (200, sh.shape[1]) and len(set(rows.tolist())) > 150

@@ -208,14 +208,25 @@ def check_voxel_energies(showers: np.ndarray, *, where: str = "showers", offset:
 
 
 def load_showers(path: str | Path, binning: str | Path | Binning | None = None,
-                 max_showers: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Read a whole file (or its first ``max_showers``) into memory.
+                 max_showers: int | None = None, subset_seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Read a whole file into memory: all of it, its first ``max_showers``, or, with
+    ``subset_seed``, a uniformly random ``max_showers`` of them in file order (read chunk
+    by chunk, so only the subset is held; files sorted by energy need this).
 
     Returns incident energies (N,) in MeV (float64) and showers (N, n_voxels).
     """
     with ShowerFile(path, binning, check_values=False) as f:
-        stop = f.n_showers if max_showers is None else min(max_showers, f.n_showers)
-        chunks = list(f.iter_chunks(stop=stop))
+        if max_showers is not None and subset_seed is not None and max_showers < f.n_showers:
+            keep = np.zeros(f.n_showers, dtype=bool)
+            keep[np.random.default_rng(subset_seed).choice(f.n_showers, max_showers, replace=False)] = True
+            chunks, offset = [], 0
+            for energies, showers in f.iter_chunks():
+                mask = keep[offset:offset + len(energies)]
+                chunks.append((energies[mask], showers[mask]))
+                offset += len(energies)
+        else:
+            stop = f.n_showers if max_showers is None else min(max_showers, f.n_showers)
+            chunks = list(f.iter_chunks(stop=stop))
     if not chunks:
         return np.zeros(0), np.zeros((0, f.n_voxels), dtype=np.float32)
     return np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])

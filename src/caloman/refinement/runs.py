@@ -139,7 +139,8 @@ def refine_run(base_dir: str | Path, data: str | Path, out_dir: str | Path, *, m
     if base.config.data is not None and Path(base.config.data.path) != Path(data).resolve():
         logger.warning("warning: %s is not the file %s was trained on (%s); refine on training showers only, never "
                        "on the held-out showers you evaluate with", data, base_dir, base.config.data.path)
-    incident_np, real_np = load_showers(data, base.binning, max_showers=settings.max_showers)
+    # a random subset, not the first N: training files are often sorted by incident energy
+    incident_np, real_np = load_showers(data, base.binning, max_showers=settings.max_showers, subset_seed=seed)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     incident = torch.as_tensor(incident_np, dtype=torch.float32)
