@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from caloman.errors import ConfigError, TrainingDivergedError
 from caloman.implicit.sampling import SamplerConfig, _jvp, _vjp, conjugate_gradient, constrained_langevin, project
+from caloman.models.autoencoders import mlp
 
 logger = logging.getLogger(__name__)
 
@@ -55,13 +56,7 @@ class EnergyModel(nn.Module):
 
     def __init__(self, features: int, hidden: tuple[int, ...] = (32, 32)) -> None:
         super().__init__()
-        sizes = (features, *hidden, 1)
-        layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-            layers.append(nn.Linear(a, b))
-            if i < len(sizes) - 2:
-                layers.append(nn.SiLU())
-        self.net = nn.Sequential(*layers)
+        self.net = mlp(features, 1, hidden, activation=nn.SiLU)
         self.history: list[dict[str, float]] = []
 
     def forward(self, x: Tensor) -> Tensor:

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from caloman.errors import ConfigError, TrainingDivergedError
+from caloman.models.autoencoders import mlp
 
 logger = logging.getLogger(__name__)
 
@@ -62,13 +63,7 @@ class ManifoldFunction(nn.Module):
         super().__init__()
         if codimension >= features:
             raise ConfigError(f"codimension {codimension} must be below the dimension {features}")
-        sizes = (features, *hidden, codimension)
-        layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-            layers.append(nn.Linear(a, b))
-            if i < len(sizes) - 2:
-                layers.append(nn.SiLU())
-        self.net = nn.Sequential(*layers)
+        self.net = mlp(features, codimension, hidden, activation=nn.SiLU)
         self.features, self.codimension = features, codimension
         self.register_buffer("low", torch.full((features,), -1.0))
         self.register_buffer("high", torch.ones(features))

@@ -46,14 +46,15 @@ _LOG_VAR_RANGE = (-16.0, 6.0)
 _IMQ_SCALES = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 
 
-def mlp(in_features: int, out_features: int, hidden: Sequence[int]) -> nn.Sequential:
-    """Linear-ReLU stack: in -> hidden[0] -> ... -> hidden[-1] -> out (no final activation)."""
+def mlp(in_features: int, out_features: int, hidden: Sequence[int],
+        activation: type[nn.Module] = nn.ReLU) -> nn.Sequential:
+    """Linear-activation stack: in -> hidden[0] -> ... -> hidden[-1] -> out (no final activation)."""
     sizes = (in_features, *hidden, out_features)
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
-            layers.append(nn.ReLU())
+            layers.append(activation())
     return nn.Sequential(*layers)
 
 
