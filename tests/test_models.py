@@ -11,8 +11,10 @@ from caloman.models.autoencoders import LayerSoftmax, build_autoencoder, mmd_imq
 from caloman.models.caloman import CaloManConfig, CaloManModel
 from caloman.models.flows import NUMPY_MAX_BATCH, ConditionalFlow
 from caloman.models.layer_energy import LayerEnergyModel
+from caloman.models.readout import threshold_keeping_layer_energies
 from caloman.models.spot_noise import SHAPE_GRID
 from caloman.models.voxel_noise import QUANTA_BIN_EDGES, log10_bins, poisson_quantile, quanta_bins
+from caloman.preprocessing import apply_threshold
 
 torch.set_num_threads(1)
 
@@ -457,3 +459,40 @@ def test_poisson_search_and_stages_agree():
     more = cdf < uniform
     args = (rate[more], uniform[more], (zero * rate)[more], cdf[more])
     assert len(args[0]) > 50_000 and torch.equal(_counts_by_search(*args), _counts_in_stages(*args))
+
+
+def test_spot_noise_calibration_corrects_the_readouts_extra_occupancy():
+    """Sparse low-energy showers: scaling a layer before the threshold lights voxels the noise
+    alone leaves just below it. The calibration corrects its occupancy targets for that, so
+    the readout then lights as many voxels as the uncorrected noise alone did (the occupancy
+    the calibration matches to the training showers), where without the correction it
+    lights more."""
+    incident, voxels = toy_showers(3000, seed=4)
+    incident = incident / 500.0  # 2-200 MeV: a few MeV per voxel, many near the 1 MeV threshold
+    rng = np.random.default_rng(5)
+    noisy = 0.8 * rng.standard_gamma(rng.poisson(voxels / 500.0 / 0.8) * 1.0)  # spots of 0.8 MeV on average
+    data = apply_threshold(noisy, 1.0)
+    e, x = torch.as_tensor(incident, dtype=torch.float32), torch.as_tensor(data, dtype=torch.float32)
+
+    def occupancies(readout: str) -> tuple[float, float]:
+        """Lit fractions on the training reconstructions: the noise alone, then with the readout."""
+        torch.manual_seed(0)
+        model = build_model("caloman", tiny_binning(), overrides={**TINY, "voxel_noise": "poisson-gamma",
+                                                                 "layer_readout": readout})
+        model.fit_preprocessing(incident, data)
+        model.eval()
+        with torch.no_grad():
+            model.fit_spot_noise(e, x)
+            means = model._reconstruct(e, x, postprocess=False).float()
+            g = torch.Generator().manual_seed(1)
+            spots = model._spots(means, torch.randn(means.shape, generator=g), torch.rand(means.shape, generator=g),
+                                 torch.randn(means.shape, generator=g))
+            read = threshold_keeping_layer_energies(spots, model._pipeline().layers.layer_energies(means),
+                                                    model.layer_layout, 1.0)
+        return float((spots >= 1.0).float().mean()), float((read > 0).float().mean())
+
+    (_, corrected), (calibrated, uncorrected) = occupancies("scale-then-threshold"), occupancies(
+        "threshold-then-rescale")
+    assert 0.2 < (data > 0).mean() < 0.9
+    assert uncorrected > calibrated + 0.01  # the readout's extra voxels
+    assert abs(corrected - calibrated) < 0.5 * (uncorrected - calibrated)

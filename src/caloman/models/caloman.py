@@ -39,6 +39,7 @@ from caloman.models.base import NoiseBlock, NoiseShape, ShowerModel, Stage
 from caloman.models.config import ModelConfig
 from caloman.models.flows import HYPERNETS, ConditionalFlow
 from caloman.models.layer_energy import LOGIT_BOUND, LayerEnergyModel
+from caloman.models.readout import LayerLayout, threshold_keeping_layer_energies
 from caloman.models.voxel_noise import QUANTA_BIN_EDGES, poisson_fluctuations, quanta_bins
 from caloman.preprocessing import (
     PREPROCESSINGS,
@@ -52,6 +53,8 @@ from caloman.preprocessing import (
 ENCODER_INPUTS = ("none", "sqrt", "log")
 #: Output noise models, see :attr:`CaloManConfig.voxel_noise`.
 VOXEL_NOISES = ("none", "poisson", "poisson-gamma")
+#: How a per-layer shower meets the readout threshold, see :attr:`CaloManConfig.layer_readout`.
+LAYER_READOUTS = ("scale-then-threshold", "threshold-then-rescale")
 #: Named configurations accepted by :meth:`CaloManConfig.profile`.
 PROFILES = ("quick", "full", "paper")
 
@@ -148,8 +151,14 @@ class CaloManConfig(ModelConfig):
         dequantise_empty_layers: give empty layers a uniform energy below half
             the threshold while training the layer-energy flow, so it never
             fits a point mass; such layers generate no voxel above threshold.
-        output_threshold: zero generated voxels below the readout threshold and
-            rescale each layer back to its sampled energy (per-layer).
+        output_threshold: zero generated voxels below the readout threshold so that
+            each layer keeps its sampled energy (per-layer; how: ``layer_readout``).
+        layer_readout: ``"scale-then-threshold"`` (default): each noisy layer is
+            scaled so that what passes the threshold carries exactly the sampled
+            energy (:mod:`caloman.models.readout`), which keeps the smallest lit
+            voxels just above the threshold as in data; ``"threshold-then-rescale"``:
+            threshold, then multiply the layer back to its energy (before
+            2026-12-07; it lifts every lit voxel by the lost fraction, a tell).
         voxel_noise: ``"poisson-gamma"`` (default) draws each generated voxel
             as the energy of a Poisson number of Gamma-distributed spots
             (:mod:`caloman.models.spot_noise`), calibrated on the training
@@ -180,11 +189,12 @@ class CaloManConfig(ModelConfig):
     flow_hypernet: str = "mlp"
     layer_flow_transforms: int = 4
     layer_flow_hidden: tuple[int, ...] = (64, 64)
-    layer_flow_bins: int = 8
+    layer_flow_bins: int = 16
     latent_noise: float = 0.0
     threshold_inputs: bool = True
     dequantise_empty_layers: bool = True
     output_threshold: bool = True
+    layer_readout: str = "scale-then-threshold"
     voxel_noise: str = "poisson-gamma"
     reconstruction_energy_power: float = 0.5
 
@@ -194,7 +204,7 @@ class CaloManConfig(ModelConfig):
     def __post_init__(self) -> None:
         choices = {"preprocessing": PREPROCESSINGS, "autoencoder": AUTOENCODER_KINDS,
                    "reconstruction_loss": RECONSTRUCTION_LOSSES, "encoder_input": ENCODER_INPUTS,
-                   "flow_hypernet": HYPERNETS, "voxel_noise": VOXEL_NOISES}
+                   "flow_hypernet": HYPERNETS, "voxel_noise": VOXEL_NOISES, "layer_readout": LAYER_READOUTS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"model option {name} = {getattr(self, name)!r} is not one of "
@@ -268,6 +278,7 @@ class CaloManModel(ShowerModel):
         layer_sizes = [binning.layer(layer).n_voxels for layer in binning.relevant_layers]
         n_layers = len(layer_sizes)
         self.n_layers = n_layers
+        self.layer_layout = LayerLayout(layer_sizes)
         condition_size = 1 + (n_layers if self.per_layer else 0)
         self.layer_energy = (LayerEnergyModel(n_layers, 1, config.layer_flow_transforms, config.layer_flow_hidden,
                                               config.layer_flow_bins) if self.per_layer else None)
@@ -466,16 +477,77 @@ class CaloManModel(ShowerModel):
         per (layer, ring, bin of reconstructed energy) by occupancy matching; then per layer
         the k whose scales give the highest censored likelihood of a random sample of that
         layer's training voxels (up to ``max_voxels_per_layer``) given their reconstructions.
-        Fills the ``spot_*`` buffers; returns the mean log-likelihood of every candidate per
-        layer (for reports and tests)."""
-        edges = _QUANTA_BIN_EDGES.to(showers.device)
-        n_bins = len(edges) + 1
-        n_groups = self.n_layers * self.n_rings
-        # Sums per sub-bin: each table bin cut into _SUB_BINS (the occupancy fit averages over them).
+        With the ``"scale-then-threshold"`` readout, which lights a few more voxels than the
+        noise alone, the scales are then fitted once more to occupancy targets corrected by
+        the ratio of the two (:meth:`_readout_occupancy_ratio`). Fills the ``spot_*`` buffers;
+        returns the mean log-likelihood of every candidate per layer (for reports and tests)."""
+        sums, (means, energies, cells) = self._spot_noise_statistics(incident_energies, showers,
+                                                                     max_voxels_per_layer, seed)
+        n_bins = len(_QUANTA_BIN_EDGES) + 1
+        layer_of_cell = np.repeat(np.arange(self.n_layers), self.n_rings * n_bins)
+        candidates = {k: self._spot_scale_table(*sums, k) for k in spot_noise.SHAPE_GRID}
+        near_threshold = next(iter(candidates.values()))[1].flatten()  # the same cells for every k
+        candidates = {k: table for k, (table, _) in candidates.items()}
+        flat_candidates = {k: table.flatten() for k, table in candidates.items()}
+        rng = np.random.default_rng(seed)
+        shapes, scores = np.zeros(self.n_layers), {}
+        for layer in range(self.n_layers):
+            mine = np.nonzero((layer_of_cell[cells] == layer) & near_threshold[cells])[0]
+            mine = rng.permutation(mine)[:max_voxels_per_layer]
+            shapes[layer], scores[layer] = spot_noise.choose_shape(flat_candidates, means[mine], energies[mine],
+                                                                   cells[mine], self.threshold)
+        self._store_spot_noise(shapes, self._table_of_shapes(candidates, shapes))
+        if self.per_layer and self.config.output_threshold and self.config.layer_readout == "scale-then-threshold":
+            ratio = self._readout_occupancy_ratio(incident_energies, showers, seed)
+            corrected = [sums[0], sums[1], sums[2] * ratio]
+            refitted = {k: self._spot_scale_table(*corrected, k)[0] for k in set(shapes.tolist())}
+            self._store_spot_noise(shapes, self._table_of_shapes(refitted, shapes))
+        return {"spot_shapes": shapes.tolist(), "log_likelihood": scores}
+
+    def _table_of_shapes(self, tables: dict[float, np.ndarray], shapes: np.ndarray) -> np.ndarray:
+        """The (groups, bins) spot-scale table whose rows of each layer come from that layer's shape's table."""
+        table = np.zeros_like(next(iter(tables.values())))
+        for layer, shape in enumerate(shapes):
+            rows = slice(layer * self.n_rings, (layer + 1) * self.n_rings)
+            table[rows] = tables[float(shape)][rows]
+        return table
+
+    def _store_spot_noise(self, shapes: np.ndarray, table: np.ndarray) -> None:
+        self.spot_shapes.copy_(torch.as_tensor(shapes, dtype=torch.float32))
+        self.spot_scales.copy_(torch.as_tensor(table, dtype=torch.float32))
+        self.spot_quantiles.copy_(spot_noise.quantile_table(shapes).reshape(-1, spot_noise.TABLE_POINTS))
+
+    def _fine_bins(self) -> tuple[Tensor, Any]:
+        """The sub-bin edges of log10(reconstructed energy) and a function that regroups
+        per-sub-bin sums (..., groups * sub-bins) into (..., groups, bins, _SUB_BINS)."""
+        edges = _QUANTA_BIN_EDGES
+        n_bins, n_groups = len(edges) + 1, self.n_layers * self.n_rings
         fine_edges = torch.linspace(float(edges[0]), float(edges[-1]), _SUB_BINS * (len(edges) - 1) + 1,
                                     dtype=torch.float64)
         n_fine = len(fine_edges) + 1
-        sums = torch.zeros(3, n_groups * n_fine, dtype=torch.float64)
+        # fine bin f lies in table bin ceil(f / _SUB_BINS): (groups, bins, sub-bins), empty padding
+        coarse = -(-np.arange(n_fine) // _SUB_BINS)
+        position = np.arange(n_fine) - (coarse - 1) * _SUB_BINS - 1
+        position[0] = 0
+
+        def group(fine_sums: np.ndarray) -> np.ndarray:
+            lead = fine_sums.shape[:-1]
+            grouped = np.zeros(lead + (n_groups, n_bins, _SUB_BINS))
+            grouped[..., coarse, position] = fine_sums.reshape(lead + (n_groups, n_fine))
+            return grouped
+
+        return fine_edges, group
+
+    def _spot_noise_statistics(self, incident_energies: Tensor, showers: Tensor, max_voxels_per_layer: int,
+                               seed: int) -> tuple[list[np.ndarray], tuple[np.ndarray, ...]]:
+        """Per (group, bin, sub-bin) sums of voxels, reconstructed energies and voxels above
+        threshold over the training showers, and a random sample of voxels (reconstructed
+        and true energy, table cell) for the spot-shape likelihood."""
+        edges = _QUANTA_BIN_EDGES.to(showers.device)
+        n_bins = len(edges) + 1
+        fine_edges, group = self._fine_bins()
+        n_fine = len(fine_edges) + 1
+        sums = torch.zeros(3, self.n_layers * self.n_rings * n_fine, dtype=torch.float64)
         generator = torch.Generator().manual_seed(seed)
         keep_share = min(1.0, 4.0 * max_voxels_per_layer * self.n_layers / max(1, showers.numel()))
         sample: list[tuple[Tensor, Tensor, Tensor]] = []
@@ -484,41 +556,47 @@ class CaloManModel(ShowerModel):
             mean = self._reconstruct(e, x, postprocess=False).double().cpu()
             clean = self._clean(x.double()).cpu()
             log_mean = mean.clamp_min(1e-30).log10()
-            group = self.voxel_group_index.cpu()
-            cell = group * n_bins + torch.bucketize(log_mean, edges.cpu())
-            fine = (group * n_fine + torch.bucketize(log_mean, fine_edges)).flatten()
+            group_index = self.voxel_group_index.cpu()
+            cell = group_index * n_bins + torch.bucketize(log_mean, edges.cpu())
+            fine = (group_index * n_fine + torch.bucketize(log_mean, fine_edges)).flatten()
             for row, values in enumerate((torch.ones_like(mean), mean, (clean > 0).double())):
                 sums[row].index_add_(0, fine, values.flatten())
             chosen = (torch.rand(mean.shape, generator=generator) < keep_share) & (mean > 1e-3 * self.threshold)
             sample.append((mean[chosen], clean[chosen], cell[chosen]))
-        means, energies, cells = (torch.cat(column).numpy() for column in zip(*sample))
-        # fine bin f lies in table bin ceil(f / _SUB_BINS): (groups, bins, sub-bins), empty padding
-        coarse = -(-np.arange(n_fine) // _SUB_BINS)
-        position = np.arange(n_fine) - (coarse - 1) * _SUB_BINS - 1
-        position[0] = 0
-        grouped = np.zeros((3, n_groups, n_bins, _SUB_BINS))
-        grouped[:, :, coarse, position] = sums.reshape(3, n_groups, n_fine).numpy()
-        sums = list(grouped)
-        layer_of_cell = np.repeat(np.arange(self.n_layers), self.n_rings * n_bins)
-        candidates = {k: self._spot_scale_table(*sums, k) for k in spot_noise.SHAPE_GRID}
-        near_threshold = next(iter(candidates.values()))[1].flatten()  # the same cells for every k
-        candidates = {k: table for k, (table, _) in candidates.items()}
-        flat_candidates = {k: table.flatten() for k, table in candidates.items()}
-        rng = np.random.default_rng(seed)
-        shapes, scores = np.zeros(self.n_layers), {}
-        table = np.zeros((n_groups, n_bins))
-        for layer in range(self.n_layers):
-            mine = np.nonzero((layer_of_cell[cells] == layer) & near_threshold[cells])[0]
-            mine = rng.permutation(mine)[:max_voxels_per_layer]
-            best, scores[layer] = spot_noise.choose_shape(flat_candidates, means[mine], energies[mine], cells[mine],
-                                                          self.threshold)
-            shapes[layer] = best
-            rows = slice(layer * self.n_rings, (layer + 1) * self.n_rings)
-            table[rows] = candidates[best][rows]
-        self.spot_shapes.copy_(torch.as_tensor(shapes, dtype=torch.float32))
-        self.spot_scales.copy_(torch.as_tensor(table, dtype=torch.float32))
-        self.spot_quantiles.copy_(spot_noise.quantile_table(shapes).reshape(-1, spot_noise.TABLE_POINTS))
-        return {"spot_shapes": shapes.tolist(), "log_likelihood": scores}
+        voxels = tuple(torch.cat(column).numpy() for column in zip(*sample))
+        return list(group(sums.numpy())), voxels
+
+    def _readout_occupancy_ratio(self, incident_energies: Tensor, showers: Tensor, seed: int, *,
+                                 max_showers: int = 40_000, min_lit: int = 20) -> np.ndarray:
+        """Per (group, bin, sub-bin): voxels the fitted noise alone puts above the threshold
+        over voxels the whole readout lights, on reconstructions of (a strided subset of) the
+        training showers with their own layer energies. Multiplying the training occupancy
+        by it makes the readout's occupancy match the training one. 1 where either count is
+        below ``min_lit``; clipped to [0.5, 2]."""
+        fine_edges, group = self._fine_bins()
+        n_fine = len(fine_edges) + 1
+        counts = torch.zeros(2, self.n_layers * self.n_rings * n_fine, dtype=torch.float64)
+        generator = torch.Generator().manual_seed(seed + 1)
+        stride = max(1, -(-len(showers) // max_showers))
+        incident_energies, showers = incident_energies[::stride], showers[::stride]
+        pipeline = self._pipeline()
+        for i in range(0, len(showers), _CHUNK):
+            mean = self._reconstruct(incident_energies[i:i + _CHUNK], showers[i:i + _CHUNK], postprocess=False)
+            mean = mean.float().cpu()
+            normal, uniform, spot_normal = (torch.randn(mean.shape, generator=generator),
+                                            torch.rand(mean.shape, generator=generator),
+                                            torch.randn(mean.shape, generator=generator))
+            noisy = self._spots(mean, normal, uniform, spot_normal)
+            read = threshold_keeping_layer_energies(noisy, pipeline.layers.layer_energies(mean), self.layer_layout,
+                                                    self.threshold)
+            fine = (self.voxel_group_index.cpu() * n_fine
+                    + torch.bucketize(mean.double().clamp_min(1e-30).log10(), fine_edges)).flatten()
+            counts[0].index_add_(0, fine, (noisy >= self.threshold).double().flatten())
+            counts[1].index_add_(0, fine, (read > 0).double().flatten())
+        noise_lit, read_lit = counts.numpy()
+        usable = (noise_lit >= min_lit) & (read_lit >= min_lit)
+        ratio = np.where(usable, noise_lit / np.maximum(read_lit, 1), 1.0).clip(0.5, 2.0)
+        return group(ratio)
 
     def _spot_scale_table(self, counts: np.ndarray, mean_sums: np.ndarray, occupied: np.ndarray, shape: float
                           ) -> tuple[np.ndarray, np.ndarray]:
@@ -584,6 +662,8 @@ class CaloManModel(ShowerModel):
         if not (noisy or threshold):
             return showers
         showers = self._fluctuate(showers, *voxel_noise) if noisy else showers
+        if threshold and self.config.layer_readout == "scale-then-threshold":
+            return threshold_keeping_layer_energies(showers, layer_energies, self.layer_layout, self.threshold)
         showers = apply_threshold(showers, self.threshold) if threshold else showers
         # Rescale every layer to its sampled energy (a layer left empty stays empty).
         kept = pipeline.layers.layer_energies(showers)
