@@ -66,7 +66,6 @@ def test_the_me_flow_encoder_is_separate_and_not_consistent_untrained():
 
 
 def test_manifold_api_of_every_variant():
-    incident, voxels = toy_showers(40)
     for autoencoder in ("vae", "mflow"):
         model, incident, voxels, _ = _fitted({"autoencoder": autoencoder}, n=40)
         e, x = torch.as_tensor(incident), torch.as_tensor(voxels)
