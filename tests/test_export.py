@@ -37,6 +37,9 @@ CALOMAN = {"latent_dim": 2, "hidden": [16], "flow_hidden": [16], "flow_transform
 TINY = {
     "caloman": CALOMAN,
     "caloman-smooth": {**CALOMAN, "voxel_noise": "none"},
+    # the M-flow autoencoder: its decoder is a coupling flow's fused inverse, which traces too
+    "caloman-mflow": {**CALOMAN, "voxel_noise": "none", "autoencoder": "mflow", "mflow_hidden": [16],
+                      "mflow_transforms": 2, "mflow_bins": 4},
     "ambient-flow": {"transforms": 2, "hidden": [16], "bins": 4},
     "caloflow": {"layer_flow_transforms": 2, "layer_flow_hidden": [8], "layer_flow_bins": 4,
                  "shape_flow_transforms": 2, "shape_flow_hidden": [16], "shape_flow_bins": 4},
@@ -53,7 +56,8 @@ SMALL_BINNING_XML = """<Bins>
 
 def _train(data: Path, binning, run_dir: Path, name: str):
     training = TrainingConfig(epochs=2, batch_size=64, patience=0, num_threads=1, seed=1)
-    return train_run(data, binning, run_dir, model_kind=name.removesuffix("-smooth"), training=training,
+    return train_run(data, binning, run_dir, model_kind=name.removesuffix("-smooth").removesuffix("-mflow"),
+                     training=training,
                      model_overrides=TINY[name], command_line=["test"])
 
 
@@ -64,7 +68,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     energies = ladder_energies(20)
     data = write_showers(root / "train.h5", energies, simulate_showers(BINNING, energies, seed=3), binning=BINNING)
     return {name: _train(data, BINNING, root / name, name).run_dir
-            for name in ("caloman", "caloman-smooth", "ambient-flow", "caloflow")}
+            for name in ("caloman", "caloman-smooth", "caloman-mflow", "ambient-flow", "caloflow")}
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +76,7 @@ def exports(runs, tmp_path_factory) -> dict[tuple[str, str], Path]:
     root = tmp_path_factory.mktemp("exports")
     out = {}
     for name, convention in (("caloman", "caloman"), ("caloman", "par04"), ("caloman-smooth", "caloman"),
-                             ("ambient-flow", "caloman")):
+                             ("caloman-mflow", "caloman"), ("ambient-flow", "caloman")):
         out[name, convention] = export_onnx(runs[name], root / f"{name}-{convention}.onnx",
                                             convention=convention).onnx_path
     return out
@@ -101,7 +105,7 @@ def _compare(runs, exports, name: str, n: int, seed: int):
 
 
 @pytest.mark.parametrize("n", [1, 64])
-@pytest.mark.parametrize("name", ["ambient-flow", "caloman-smooth"])
+@pytest.mark.parametrize("name", ["ambient-flow", "caloman-smooth", "caloman-mflow"])
 def test_onnx_matches_pytorch_voxel_by_voxel(runs, exports, name, n):
     """Without CaloMan's voxel noise every voxel agrees within 1e-4 relative (1e-6 MeV absolute)."""
     for seed in range(4 if n == 1 else 2):

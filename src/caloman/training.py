@@ -693,6 +693,7 @@ def _train_stage(model: ShowerModel, stage: Stage, inputs: tuple[np.ndarray, ...
                 group["lr"] = lr
             order = torch.as_tensor(np.random.default_rng([config.seed, progress.stage_index, epoch])
                                     .permutation(n_train), device=data["train"][0].device)
+            _begin_epoch(stage, epoch)
             stage.module.train()
             total, seen = 0.0, 0
             label = f"{stage.name} {epoch + 1}/{n_epochs}"
@@ -758,6 +759,13 @@ def _train_stage(model: ShowerModel, stage: Stage, inputs: tuple[np.ndarray, ...
     rng = _rng_state(device)
     checkpointer.write(progress, model, None, None, False,
                        {**info, "rng": rng, "stage_start_rng": rng, "history": history.to_dict()})
+
+
+def _begin_epoch(stage: Stage, epoch: int) -> None:
+    """Tell a stage whose epochs alternate between phases (``Stage.begin_epoch``, the M-flow's
+    M/D schedule) which 0-based epoch starts; nothing for other stages."""
+    if stage.begin_epoch is not None:
+        stage.begin_epoch(epoch)
 
 
 def _evaluate(stage: Stage, tensors: tuple[Tensor, ...], batch_size: int) -> float:

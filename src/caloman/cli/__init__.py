@@ -28,6 +28,7 @@ COMMANDS = {
     "sensitivity": "sensitivity",
     "toy": "toy",
     "refine": "refine",
+    "ood": "ood",
 }
 
 

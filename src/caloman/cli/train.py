@@ -48,6 +48,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                              "published sizes); default: --profile")
     parser.add_argument("--config", type=Path, metavar="CFG.toml",
                         help="TOML file with [model], [training] and [data] settings")
+    parser.add_argument("--model-option", action="append", default=None, metavar="KEY=VALUE",
+                        help="set one field of the model's config, checked against it (repeatable), e.g. "
+                             "--model-option autoencoder=mflow --model-option hidden=512,512; overrides the "
+                             "config file's [model] table")
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted run in RUN with its stored settings")
     parser.add_argument("--seed", type=int, help="seed of the split, initial weights and batches")
@@ -67,6 +71,13 @@ def build_model(kind: str, binning: Binning, *, profile: str, overrides: dict[st
     return build(kind, binning, profile=profile, overrides=overrides)
 
 
+def _model_options(kind: str, options: list[str]) -> dict[str, Any]:
+    """--model-option KEY=VALUE strings as typed overrides of the ``kind`` model's config."""
+    from caloman.models import parse_model_options
+
+    return parse_model_options(kind, options)
+
+
 def run(args: argparse.Namespace) -> int:
     out: Path = args.out
     if args.resume:
@@ -74,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         changed = [opt for opt, value in (("--profile", args.profile), ("--model-profile", args.model_profile),
                                           ("--config", args.config),
                                           ("--seed", args.seed), ("--max-showers", args.max_showers),
+                                          ("--model-option", args.model_option),
                                           ("--latent-dim", args.latent_dim),
                                           ("--latent-dim-from", args.latent_dim_from)) if value is not None]
         if changed:
@@ -99,7 +111,11 @@ def run(args: argparse.Namespace) -> int:
         file_config = load_config(args.config) if args.config is not None else ConfigFile(source="defaults")
         cli = {k: v for k, v in (("seed", args.seed), ("max_showers", args.max_showers)) if v is not None}
         profile = args.profile or "quick"
-        model_overrides = dict(file_config.model)
+        kind = args.model or DEFAULT_MODEL
+        model_overrides = {**file_config.model, **_model_options(kind, args.model_option or [])}
+        if args.latent_dim is not None and args.model_option and any(
+                o.partition("=")[0].strip() == "latent_dim" for o in args.model_option):
+            raise ConfigError("latent_dim is set by both --latent-dim and --model-option; keep one")
         if args.latent_dim is not None:
             model_overrides["latent_dim"] = args.latent_dim
         elif args.latent_dim_from is not None:
@@ -107,7 +123,6 @@ def run(args: argparse.Namespace) -> int:
 
             model_overrides["latent_dim"] = DimensionEstimate.from_json(args.latent_dim_from).recommended()
             logger.info("latent dimension %d from %s", model_overrides["latent_dim"], args.latent_dim_from)
-        kind = args.model or DEFAULT_MODEL
         logger.info("training %s on %s (%s) into %s", kind, args.file, binning_name, out)
         loaded = train_run(args.file, binning_name, out, model_kind=kind, profile=profile,
                            training=file_config.training_config(profile, **cli), model_overrides=model_overrides,

@@ -17,6 +17,7 @@ from caloman.models.ambient import AmbientFlowConfig, AmbientFlowModel
 from caloman.models.base import ShowerModel, Stage
 from caloman.models.caloflow import CaloFlowConfig, CaloFlowModel
 from caloman.models.caloman import CaloManConfig, CaloManModel
+from caloman.models.config import parse_options
 
 #: kind -> (config class, model class).
 _REGISTRY: dict[str, tuple[type, type[ShowerModel]]] = {
@@ -45,6 +46,14 @@ def model_config_from_dict(kind: str, values: dict[str, Any], *, profile: str | 
     return config_class.from_dict(dict(values), base=base)
 
 
+def parse_model_options(kind: str, options: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings (``caloman train --model-option``) as typed overrides of a
+    ``kind`` model's config fields; ConfigError for unknown keys (listing the valid ones)
+    and values that do not parse as their field's type."""
+    config_class, _ = _entry(kind)
+    return parse_options(config_class, options, kind)
+
+
 def build_model(kind: str, binning: Binning | str, *, profile: str = "quick",
                 overrides: dict[str, Any] | None = None) -> ShowerModel:
     """An untrained model of ``kind`` for ``binning``: the ``profile`` configuration
@@ -54,5 +63,5 @@ def build_model(kind: str, binning: Binning | str, *, profile: str = "quick",
     return model_class(config, load_binning(binning))
 
 
-__all__ = ["MODEL_KINDS", "build_model", "model_config_from_dict", "ShowerModel", "Stage", "CaloManConfig",
-           "CaloManModel", "CaloFlowConfig", "CaloFlowModel", "AmbientFlowConfig", "AmbientFlowModel"]
+__all__ = ["MODEL_KINDS", "build_model", "model_config_from_dict", "parse_model_options", "ShowerModel", "Stage",
+           "CaloManConfig", "CaloManModel", "CaloFlowConfig", "CaloFlowModel", "AmbientFlowConfig", "AmbientFlowModel"]

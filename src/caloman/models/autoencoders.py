@@ -138,9 +138,18 @@ class Autoencoder(nn.Module):
         self.latent_dim = latent_dim
         self.context = context
         self.loss_name = loss
-        self.encoder = mlp(features + context, self._encoder_outputs(latent_dim), hidden)
-        self.decoder = mlp(latent_dim + context, features, tuple(reversed(tuple(hidden))))
+        self._build_networks(tuple(hidden))
         self.output = output_activation(output, layer_sizes)
+
+    def _build_networks(self, hidden: tuple[int, ...]) -> None:
+        """The encoder and decoder MLPs (a subclass with other networks overrides this)."""
+        self.encoder = mlp(self.features + self.context, self._encoder_outputs(self.latent_dim), hidden)
+        self.decoder = mlp(self.latent_dim + self.context, self.features, tuple(reversed(hidden)))
+
+    def fit_inputs(self, inputs: Tensor) -> None:
+        """Fit constants of the networks on the training split's encoder inputs (n, D), before
+        the first epoch (called on every ``make_data`` call; the first is the training split).
+        Nothing to fit for the MLP autoencoders."""
 
     @staticmethod
     def _encoder_outputs(latent_dim: int) -> int:

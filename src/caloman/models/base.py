@@ -43,12 +43,18 @@ class Stage:
     ``loss(batch)`` returns the mean loss of a batch (a tuple sliced from those
     tensors) as a scalar tensor. Only ``module``'s parameters
     are optimised in this stage.
+
+    ``begin_epoch(epoch)``, when set, is called with the 0-based epoch before each
+    training epoch (also when resuming), for a stage whose epochs alternate between
+    phases (the M-flow's M/D schedule); ``loss`` then follows the phase in training mode
+    and gives one comparable validation loss in eval mode. Most stages leave it None.
     """
 
     name: str
     module: nn.Module
     make_data: Callable[[Tensor, Tensor], tuple[Tensor, ...]]
     loss: Callable[[tuple[Tensor, ...]], Tensor]
+    begin_epoch: Callable[[int], None] | None = None
 
 
 @dataclass(frozen=True)

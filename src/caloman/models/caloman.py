@@ -23,7 +23,6 @@ Training stages, in order: ``layer_energy`` (per-layer only), ``autoencoder``,
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,9 +35,10 @@ from caloman.geometry import Binning
 from caloman.models import spot_noise
 from caloman.models.autoencoders import AUTOENCODER_KINDS, RECONSTRUCTION_LOSSES, Autoencoder, build_autoencoder
 from caloman.models.base import NoiseBlock, NoiseShape, ShowerModel, Stage
-from caloman.models.config import ModelConfig
+from caloman.models.config import ModelConfig, check_flow_sizes
 from caloman.models.flows import HYPERNETS, ConditionalFlow
 from caloman.models.layer_energy import LOGIT_BOUND, LayerEnergyModel
+from caloman.models.mflow import MFLOW_KINDS, SCHEDULES, MFlowAutoencoder, gram_log_det
 from caloman.models.readout import LayerLayout, threshold_keeping_layer_energies
 from caloman.models.voxel_noise import QUANTA_BIN_EDGES, poisson_fluctuations, quanta_bins
 from caloman.preprocessing import (
@@ -55,6 +55,8 @@ ENCODER_INPUTS = ("none", "sqrt", "log")
 VOXEL_NOISES = ("none", "poisson", "poisson-gamma")
 #: How a per-layer shower meets the readout threshold, see :attr:`CaloManConfig.layer_readout`.
 LAYER_READOUTS = ("scale-then-threshold", "threshold-then-rescale")
+#: The generalised autoencoders CaloMan can use: the MLP family and the M-flows.
+CALOMAN_AUTOENCODERS = AUTOENCODER_KINDS + MFLOW_KINDS
 #: Named configurations accepted by :meth:`CaloManConfig.profile`.
 PROFILES = ("quick", "full", "paper")
 
@@ -124,7 +126,9 @@ class CaloManConfig(ModelConfig):
     Preprocessing and autoencoder:
         preprocessing: ``"per-layer"`` (layer-energy flow + normalised layer
             shapes) or ``"paper"`` (voxels / (r_max E_inc) + E_dep).
-        autoencoder: ``"vae"``, ``"ae"`` or ``"wae"``.
+        autoencoder: ``"vae"``, ``"ae"``, ``"wae"``, or an M-flow ``"mflow"`` / ``"mflow-e"``
+            (:class:`~caloman.models.mflow.MFlowAutoencoder`; per-layer preprocessing with
+            the log encoder input only).
         latent_dim: code dimension d; pass the intrinsic-dimension estimate
             (``caloman dimension``) as an override, else 20 (the paper's value).
         hidden: encoder hidden sizes (the decoder mirrors them).
@@ -172,6 +176,17 @@ class CaloManConfig(ModelConfig):
         reconstruction_energy_power: p >= 0; each training shower's reconstruction loss is
             weighted by (E_inc / E_mid)^p, E_mid the geometric middle of the trained
             energy range; 0: unweighted.
+    M-flow autoencoders (``autoencoder = "mflow"`` or ``"mflow-e"``; ignored otherwise):
+        mflow_schedule: ``"sequential"`` (stage ``autoencoder`` = the manifold phase, then
+            ``latent_flow`` = the density phase) or ``"alternating"`` (the paper's M/D: stage
+            ``manifold_density`` alternates a manifold and a density epoch, then
+            ``latent_flow`` finishes the density with the manifold fixed).
+        mflow_features: 0 (default): the outer flow acts on all D log-shapes, each
+            standardised; K > latent_dim: on their first K principal components (faster, but
+            a linear reduction loses much of the shapes: see docs/mflows.md).
+        mflow_transforms, mflow_hidden, mflow_bins: the outer coupling spline flow.
+        mflow_reconstruction_weight: weight of the reconstruction loss in the manifold phase.
+        The Me-flow's encoder uses ``hidden``.
     """
 
     preprocessing: str = "per-layer"
@@ -197,14 +212,21 @@ class CaloManConfig(ModelConfig):
     layer_readout: str = "scale-then-threshold"
     voxel_noise: str = "poisson-gamma"
     reconstruction_energy_power: float = 0.5
+    mflow_schedule: str = "sequential"
+    mflow_features: int = 0
+    mflow_transforms: int = 4
+    mflow_hidden: tuple[int, ...] = (64,)
+    mflow_bins: int = 8
+    mflow_reconstruction_weight: float = 1.0
 
     label = "caloman"
     profiles = PROFILES
 
     def __post_init__(self) -> None:
-        choices = {"preprocessing": PREPROCESSINGS, "autoencoder": AUTOENCODER_KINDS,
+        choices = {"preprocessing": PREPROCESSINGS, "autoencoder": CALOMAN_AUTOENCODERS,
                    "reconstruction_loss": RECONSTRUCTION_LOSSES, "encoder_input": ENCODER_INPUTS,
-                   "flow_hypernet": HYPERNETS, "voxel_noise": VOXEL_NOISES, "layer_readout": LAYER_READOUTS}
+                   "flow_hypernet": HYPERNETS, "voxel_noise": VOXEL_NOISES, "mflow_schedule": SCHEDULES,
+                   "layer_readout": LAYER_READOUTS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"model option {name} = {getattr(self, name)!r} is not one of "
@@ -227,6 +249,22 @@ class CaloManConfig(ModelConfig):
         for name in ("kl_weight", "mmd_weight", "latent_noise", "reconstruction_energy_power"):
             if not float(getattr(self, name)) >= 0:
                 raise ConfigError(f"model option {name} must be >= 0, got {getattr(self, name)}")
+        if self.autoencoder in MFLOW_KINDS:
+            self._check_mflow()
+
+    def _check_mflow(self) -> None:
+        """An M-flow autoencoder works on per-layer log-shapes; ConfigError otherwise."""
+        if self.preprocessing != "per-layer" or self.encoder_input != "log":
+            raise ConfigError(f"autoencoder = {self.autoencoder!r} needs preprocessing = 'per-layer' and "
+                              "encoder_input = 'log' (its flow acts on the log-shapes and decodes them through "
+                              "the layer softmax)")
+        check_flow_sizes(self, ("mflow_transforms",), ("mflow_bins",), ("mflow_hidden",))
+        if self.mflow_features < 0 or (self.mflow_features and self.mflow_features <= self.latent_dim):
+            raise ConfigError(f"model option mflow_features must be 0 (all voxels) or larger than latent_dim "
+                              f"({self.latent_dim}), got {self.mflow_features}")
+        if not self.mflow_reconstruction_weight > 0:
+            raise ConfigError(f"model option mflow_reconstruction_weight must be > 0, got "
+                              f"{self.mflow_reconstruction_weight}")
 
     @classmethod
     def quick(cls) -> CaloManConfig:
@@ -248,6 +286,21 @@ class CaloManConfig(ModelConfig):
                    flow_hypernet="residual-glu", flow_hidden=(128, 128, 128), threshold_inputs=False,
                    conditional_autoencoder=False, dequantise_empty_layers=False, output_threshold=False,
                    voxel_noise="none", reconstruction_energy_power=0.0)
+
+
+def _build_autoencoder(config: CaloManConfig, features: int, context: int, layer_sizes: list[int],
+                       per_layer: bool) -> Autoencoder:
+    """The configured member of the generalised-autoencoder family on ``features`` inputs."""
+    if config.autoencoder in MFLOW_KINDS:
+        return MFlowAutoencoder(features, config.latent_dim, context=context, layer_sizes=layer_sizes,
+                                loss=config.reconstruction_loss, kind=config.autoencoder,
+                                flow_features=config.mflow_features, transforms=config.mflow_transforms,
+                                hidden=config.mflow_hidden, bins=config.mflow_bins, encoder_hidden=config.hidden,
+                                reconstruction_weight=config.mflow_reconstruction_weight)
+    return build_autoencoder(config.autoencoder, features, config.latent_dim, config.hidden, context=context,
+                             output="layer-softmax" if per_layer else "identity", layer_sizes=layer_sizes,
+                             loss=config.reconstruction_loss, kl_weight=config.kl_weight,
+                             mmd_weight=config.mmd_weight)
 
 
 @dataclass
@@ -282,11 +335,9 @@ class CaloManModel(ShowerModel):
         condition_size = 1 + (n_layers if self.per_layer else 0)
         self.layer_energy = (LayerEnergyModel(n_layers, 1, config.layer_flow_transforms, config.layer_flow_hidden,
                                               config.layer_flow_bins) if self.per_layer else None)
-        self.autoencoder: Autoencoder = build_autoencoder(
-            config.autoencoder, pipeline.n_voxels if self.per_layer else pipeline.n_features, config.latent_dim,
-            config.hidden, context=condition_size if config.conditional_autoencoder else 0,
-            output="layer-softmax" if self.per_layer else "identity", layer_sizes=layer_sizes,
-            loss=config.reconstruction_loss, kl_weight=config.kl_weight, mmd_weight=config.mmd_weight)
+        self.autoencoder: Autoencoder = _build_autoencoder(
+            config, pipeline.n_voxels if self.per_layer else pipeline.n_features,
+            condition_size if config.conditional_autoencoder else 0, layer_sizes, self.per_layer)
         self.latent_flow = ConditionalFlow(config.latent_dim, condition_size, config.flow_transforms,
                                            config.flow_hidden, config.flow_bins, hypernet=config.flow_hypernet)
         # Standardisation of the codes for the latent flow, fitted when its stage starts.
@@ -367,9 +418,37 @@ class CaloManModel(ShowerModel):
         stages = []
         if self.per_layer:
             stages.append(Stage("layer_energy", self.layer_energy, self._layer_energy_data, self._layer_energy_loss))
-        stages.append(Stage("autoencoder", self.autoencoder, self._autoencoder_data, self._autoencoder_loss))
+        if self.config.autoencoder in MFLOW_KINDS and self.config.mflow_schedule == "alternating":
+            stages.append(self._manifold_density_stage())
+        else:
+            stages.append(Stage("autoencoder", self.autoencoder, self._autoencoder_data, self._autoencoder_loss))
         stages.append(Stage("latent_flow", self.latent_flow, self._latent_data, self._latent_loss))
         return stages
+
+    def _manifold_density_stage(self) -> Stage:
+        """The M-flow's M/D schedule (Brehmer & Cranmer 2020, section 4): even epochs train the
+        outer flow on the reconstruction loss, odd epochs the latent (inner) flow on the codes
+        with the manifold fixed; the validation loss is the sum of both. The codes are not yet
+        standardised here (that is fitted when ``latent_flow`` starts)."""
+        phase = {"density": False}
+
+        def begin_epoch(epoch: int) -> None:
+            phase["density"] = epoch % 2 == 1
+
+        def loss(batch: tuple[Tensor, ...]) -> Tensor:
+            voxels, condition = batch
+            training = self.autoencoder.training
+            total = voxels.new_zeros(())
+            if not (training and phase["density"]):
+                total = total + self._autoencoder_loss(batch)
+            if not training or phase["density"]:
+                with torch.no_grad():
+                    codes = self._codes(_Features(voxels, condition, condition[:, :1]))
+                total = total + self._latent_loss(((codes - self.latent_mean) / self.latent_std, condition))
+            return total
+
+        return Stage("manifold_density", torch.nn.ModuleList([self.autoencoder, self.latent_flow]),
+                     self._autoencoder_data, loss, begin_epoch=begin_epoch)
 
     def _chunked(self, incident_energies: Tensor, showers: Tensor, fn) -> tuple[Tensor, ...]:
         parts = [fn(self._features(incident_energies[i:i + _CHUNK], showers[i:i + _CHUNK], random=True))
@@ -384,7 +463,9 @@ class CaloManModel(ShowerModel):
         return self.layer_energy.loss(features, incident)
 
     def _autoencoder_data(self, incident_energies: Tensor, showers: Tensor) -> tuple[Tensor, ...]:
-        return self._chunked(incident_energies, showers, lambda f: (f.voxels, f.condition))
+        voxels, condition = self._chunked(incident_energies, showers, lambda f: (f.voxels, f.condition))
+        self.autoencoder.fit_inputs(self._encoder_input(voxels))
+        return voxels, condition
 
     def _autoencoder_loss(self, batch: tuple[Tensor, ...]) -> Tensor:
         voxels, condition = batch
@@ -734,28 +815,34 @@ class CaloManModel(ShowerModel):
         logit-space u-variables, or the paper's scaled voxels) on the decoder's
         manifold; the Jacobian of the preprocessing is not included, so values compare
         showers of one binning and model, not across preprocessings. The shower's
-        distance from the manifold is ignored (see :meth:`reconstruction_error`).
+        distance from the manifold is ignored (see :meth:`reconstruction_error`). For an
+        M-flow autoencoder the code is the exact inverse of the decoder on its manifold, so
+        this is the exact density of the model's showers on it; for the MLP family the
+        encoder only approximates that inverse.
         """
         features = self._features(torch.as_tensor(incident_energies), torch.as_tensor(showers))
         context = self._ae_context(features.condition)
         codes = self._codes(features)
         standardised = (codes - self.latent_mean) / self.latent_std
         log_p = self.latent_flow.log_prob(standardised, features.condition) - self.latent_std.log().sum()
-        decoder = self.autoencoder.decode
-
-        def decode_one(z: Tensor, c: Tensor | None) -> Tensor:
-            return decoder(z[None], None if c is None else c[None])[0]
-
-        with warnings.catch_warnings():
-            # torch's forward-mode AD loads decompositions through the deprecated torch.jit.script.
-            warnings.filterwarnings("ignore", message=".*torch.jit.script", category=DeprecationWarning)
-            jacobian = torch.func.vmap(torch.func.jacfwd(decode_one),
-                                       in_dims=(0, None if context is None else 0))(codes, context)
-        gram = jacobian.transpose(-1, -2).double() @ jacobian.double()
-        log_p = log_p.double() - 0.5 * torch.linalg.slogdet(gram)[1]
+        log_p = log_p.double() - gram_log_det(self.autoencoder.decode, codes, context)
         if self.per_layer:
             log_p = log_p + self.layer_energy.log_prob(features.layer_features, features.incident).double()
         return log_p
+
+    def project(self, incident_energies: Tensor, showers: Tensor) -> Tensor:
+        """The nearest point on the learned manifold, as the autoencoder defines "nearest":
+        showers (n, V) in MeV decoded from their own codes (:meth:`reconstruct`)."""
+        return self.reconstruct(incident_energies, showers)
+
+    def ood_score(self, incident_energies: Tensor, showers: Tensor, distance_scale: float = 1.0) -> Tensor:
+        """Out-of-distribution score (n,) float64, larger = more anomalous: the distance from
+        the manifold (:meth:`reconstruction_error`) divided by ``distance_scale`` minus the
+        log density of the shower's projection on it (:meth:`log_prob_on_manifold`), the two
+        criteria of Brehmer & Cranmer 2020 in one number (``distance_scale`` sets their
+        balance; :func:`caloman.ood.fit_distance_scale` picks one from normal showers)."""
+        distance = self.reconstruction_error(incident_energies, showers).double()
+        return distance / distance_scale - self.log_prob_on_manifold(incident_energies, showers)
 
     def latent_blocks(self) -> tuple[str, ...]:
         """The base spaces of the two flows (layer-energy flow for per-layer preprocessing,

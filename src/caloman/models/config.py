@@ -9,6 +9,7 @@ table with type checks, and a JSON-able dict.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import Any, ClassVar
 
 import numpy as np
@@ -72,6 +73,51 @@ def config_from_dict(cls: type, values: dict[str, Any], base: Any, label: str) -
             value = float(value)
         converted[key] = value
     return dataclasses.replace(base, **converted)
+
+
+def parse_options(cls: type, options: list[str], label: str) -> dict[str, Any]:
+    """Command-line ``KEY=VALUE`` strings (``caloman train --model-option``) as a dict of
+    typed values for the fields of config dataclass ``cls``: ints, floats, ``true`` /
+    ``false``, strings as written, layer sizes as ``512,512``. Raises ConfigError for a
+    string without ``=``, an unknown key (naming the valid ones), a key given twice, or a
+    value that does not parse as its field's type. Ranges and choices are checked when
+    the config is built."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values: dict[str, Any] = {}
+    for option in options:
+        key, sep, text = option.partition("=")
+        key, text = key.strip(), text.strip()
+        if not sep or not key:
+            raise ConfigError(f"model option {option!r} is not KEY=VALUE (e.g. latent_dim=16)")
+        if key not in names:
+            raise ConfigError(f"unknown {label} model option {key!r}; valid options: {', '.join(names)}")
+        if key in values:
+            raise ConfigError(f"model option {key} is given twice")
+        values[key] = _parse_value(key, text, hints[key])
+    return values
+
+
+def _parse_value(key: str, text: str, tp: Any) -> Any:
+    """``text`` as a value of field type ``tp`` (str, int, float, bool or tuple[int, ...])."""
+    try:
+        if tp is bool:
+            if text.lower() not in ("true", "false"):
+                raise ValueError
+            return text.lower() == "true"
+        if tp is int:
+            return int(text)
+        if tp is float:
+            return float(text)
+        if typing.get_origin(tp) is tuple:
+            return tuple(int(part) for part in text.split(",") if part.strip())
+        if tp is str:
+            return text
+    except ValueError:
+        pass
+    expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+        tp, "comma-separated layer sizes such as 512,512")
+    raise ConfigError(f"model option {key} must be {expected}, got {text!r}")
 
 
 def check_flow_sizes(config: Any, transforms: tuple[str, ...], bins: tuple[str, ...], hidden: tuple[str, ...]) -> None:

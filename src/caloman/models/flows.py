@@ -176,9 +176,12 @@ class ConditionalFlow(nn.Module):
         if not self.coupling:
             return self.flow.transform(context).inv(z)
         plan = self._plan()
-        # A traced graph (ONNX export) must record torch operations, never the numpy path.
+        # A traced graph (ONNX export) must record torch operations, never the numpy path; so must
+        # torch.func transforms (the Jacobian of a decoder, models.mflow.gram_log_det), whose
+        # tensors have no storage numpy could read.
         if (z.shape[0] <= NUMPY_MAX_BATCH and plan.numpy_ok and z.device.type == "cpu"
-                and z.dtype == plan.dtype and not torch.is_grad_enabled() and not torch.jit.is_tracing()):
+                and z.dtype == plan.dtype and not torch.is_grad_enabled() and not torch.jit.is_tracing()
+                and not torch._C._functorch.is_functorch_wrapped_tensor(z)):
             x, c = z.numpy(), context.to(z.dtype).numpy()
             for step in reversed(plan.steps):
                 x = _numpy_coupling_inverse(step, x, c, self.bound)

@@ -35,7 +35,8 @@ import zuko
 from torch import Tensor, nn
 
 from caloman.errors import ConfigError, TrainingDivergedError
-from caloman.models.autoencoders import mlp
+from caloman.models.autoencoders import Autoencoder, mlp
+from caloman.models.flows import ConditionalFlow
 
 #: Generalised autoencoders of this module: the M-flow and the M-flow with a separate encoder.
 MFLOW_KINDS = ("mflow", "mflow-e")
@@ -115,6 +116,11 @@ def gram_log_det(decode: Callable[[Tensor, Tensor | None], Tensor], u: Tensor, c
     def decode_one(z: Tensor, c: Tensor | None) -> Tensor:
         return decode(z[None], None if c is None else c[None])[0]
 
+    if len(u):
+        # One plain call first: lazy caches of the decoder (a flow's sampling plan) must not be
+        # built from inside torch.func, whose tensors numpy cannot read.
+        with torch.no_grad():
+            decode(u[:1], None if context is None else context[:1])
     with warnings.catch_warnings():
         # torch's forward-mode AD loads decompositions through the deprecated torch.jit.script.
         warnings.filterwarnings("ignore", message=".*torch.jit.script", category=DeprecationWarning)
@@ -277,3 +283,113 @@ def _epoch(x: Tensor, context: Tensor | None, schedule: MFlowSchedule, generator
         total += float(loss.detach())
         batches += 1
     return total / max(batches, 1)
+
+
+class MFlowAutoencoder(Autoencoder):
+    """CaloMan's generalised autoencoder as an M-flow (``kind="mflow"``) or Me-flow
+    (``"mflow-e"``); CaloMan's latent flow is its inner flow.
+
+    It works in the encoder's input space, log(shape + 1e-6) per voxel (n, D), reduced to
+    K = ``flow_features`` whitened principal components (K = D: each voxel standardised,
+    no rotation), fitted on the training showers (:meth:`fit_inputs`):
+
+        a = ((s - centre) @ basis) / scale                      s (n, D) -> a (n, K)
+        encoder   u = first d coordinates of f^-1(a; c)          (Me-flow: an MLP of [a, c])
+        decoder   a = f(u, 0; c),  s = centre + (a * scale) @ basis^T,  logits = s
+
+    f is a coupling spline flow (:class:`ConditionalFlow`, the latent flow's fused inverse,
+    so decoding is as fast as sampling a flow), conditioned on c when the autoencoder is
+    conditional. Decoded logits become shapes through the layer softmax, as for the other
+    members. Because basis^T basis = I, ``encode(decode_logits(u)) == u`` exactly (float
+    rounding) for the M-flow. The reconstruction loss (the configured one, times
+    ``reconstruction_weight``: the manifold phase) trains f; the inner density is CaloMan's.
+    """
+
+    kind = "mflow"
+
+    def __init__(self, features: int, latent_dim: int, *, context: int = 0, layer_sizes: list[int] | None = None,
+                 loss: str = "cross-entropy", kind: str = "mflow", flow_features: int = 0, transforms: int = 4,
+                 hidden: tuple[int, ...] = (64,), bins: int = 8,
+                 encoder_hidden: tuple[int, ...] = (256, 256), reconstruction_weight: float = 1.0) -> None:
+        if kind not in MFLOW_KINDS:
+            raise ConfigError(f"M-flow kind {kind!r} is not one of {', '.join(MFLOW_KINDS)}")
+        self.flow_features = int(flow_features) or features
+        if not 1 <= latent_dim < self.flow_features <= features:
+            raise ConfigError(f"an M-flow autoencoder needs latent_dim < flow features <= {features}, got "
+                              f"latent_dim {latent_dim} and {self.flow_features} flow features")
+        self.kind = kind
+        self._flow_sizes = (int(transforms), tuple(hidden), int(bins))
+        self.reconstruction_weight = float(reconstruction_weight)
+        super().__init__(features, latent_dim, encoder_hidden, context=context, output="layer-softmax",
+                         layer_sizes=layer_sizes, loss=loss)
+        self.register_buffer("centre", torch.zeros(features))
+        self.register_buffer("basis", torch.eye(features, self.flow_features))
+        self.register_buffer("scale", torch.ones(self.flow_features))
+        self.register_buffer("inputs_fitted", torch.tensor(False))
+
+    def _build_networks(self, hidden: tuple[int, ...]) -> None:
+        transforms, flow_hidden, bins = self._flow_sizes
+        self.outer = ConditionalFlow(self.flow_features, self.context, transforms, flow_hidden, bins)
+        self.encoder = mlp(self.flow_features + self.context, self.latent_dim, hidden) if self.kind == "mflow-e" \
+            else None
+
+    def fit_inputs(self, inputs: Tensor) -> None:
+        """Principal axes, centre and whitening scales of encoder inputs (n, D), once (the
+        training split; later calls, and calls after loading a fitted model, change nothing)."""
+        if bool(self.inputs_fitted):
+            return
+        x = inputs.double()
+        centre = x.mean(0)
+        if self.flow_features == self.features:
+            basis = torch.eye(self.features, dtype=torch.float64, device=x.device)
+        else:
+            centred = x - centre
+            eigenvalues, vectors = torch.linalg.eigh(centred.T @ centred / max(1, len(x) - 1))
+            basis = vectors[:, eigenvalues.argsort(descending=True)[:self.flow_features]]
+        scale = ((x - centre) @ basis).std(0).clamp_min(1e-3)
+        self.centre.copy_(centre)
+        self.basis.copy_(basis)
+        self.scale.copy_(scale)
+        self.inputs_fitted.fill_(True)
+
+    def explained_variance(self, inputs: Tensor) -> float:
+        """Share of the variance of encoder inputs (n, D) that the K components keep."""
+        centred = inputs.double() - self.centre.double()
+        kept = centred @ self.basis.double()
+        return float(kept.square().sum() / centred.square().sum().clamp_min(1e-30))
+
+    def _flow_context(self, context: Tensor | None, like: Tensor) -> Tensor:
+        # No batch size as a Python number: a traced graph (ONNX export) keeps the batch dynamic.
+        if self.context == 0:
+            return like[:, :0]
+        if context is None:
+            raise ValueError("this autoencoder is conditional: pass the context")
+        return context.to(like.dtype)
+
+    def reduce(self, inputs: Tensor) -> Tensor:
+        """Whitened components a (n, K) of encoder inputs (n, D)."""
+        return ((inputs - self.centre) @ self.basis) / self.scale
+
+    def encode(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """Codes u (n, d) of encoder inputs x (n, D): the first d coordinates of f^-1(a; c)
+        (M-flow) or the encoder MLP's output (Me-flow)."""
+        a = self.reduce(x)
+        c = self._flow_context(context, a)
+        if self.encoder is not None:
+            return self.encoder(torch.cat((a, c), dim=-1))
+        transform = self.outer.flow.transform(c if self.context else None)
+        return transform(a)[..., :self.latent_dim]
+
+    def decode_logits(self, z: Tensor, context: Tensor | None = None) -> Tensor:
+        """Decoded log-shapes (n, D) of codes z (n, d): the encoder-input space, g(z) = f(z, 0; c)
+        mapped back from the components (the layer softmax of these is the decoded shape)."""
+        c = self._flow_context(context, z)
+        padded = torch.nn.functional.pad(z, (0, self.flow_features - self.latent_dim))
+        a = self.outer.transform_inverse(padded, c)
+        return self.centre + (a * self.scale) @ self.basis.T
+
+    def loss(self, x: Tensor, context: Tensor | None = None, inputs: Tensor | None = None,
+             weights: Tensor | None = None) -> Tensor:
+        """The manifold phase: ``reconstruction_weight`` times the mean (weighted) reconstruction
+        loss of target shapes x (n, D) from encoder inputs ``inputs``; no regulariser."""
+        return self.reconstruction_weight * super().loss(x, context, inputs, weights)
