@@ -6,18 +6,21 @@ import math
 import numpy as np
 import pytest
 import torch
+from scipy.special import i0, i1
 
 from caloman.cli import main
 from caloman.errors import ConfigError
 from caloman.implicit import (
     Intersection,
     ManifoldConfig,
+    ManifoldFunction,
     SamplerConfig,
     Union,
     constrained_langevin,
     estimate_volume,
     normalised_density,
     project,
+    resample_uniform,
     tangent_projection,
     train_manifold,
 )
@@ -75,9 +78,32 @@ def test_constrained_langevin_follows_an_energy():
     start = project(unit_sphere, torch.randn(2000, 2, generator=_gen(4)))
     result = constrained_langevin(unit_sphere, start, energy, SamplerConfig(steps=150, step_size=0.3), _gen(5))
     assert result.mean_residual < 1e-4
-    expected = 0.8483  # mean cos(angle) of von Mises kappa 3: I1(3) / I0(3); uniform angles give 0
-    # unadjusted Langevin (no Metropolis step, as the paper): step 0.3 leaves a bias of about -0.07
-    assert float(result.samples[:, 0].mean()) == pytest.approx(expected, abs=0.12)
+    expected = float(i1(3.0) / i0(3.0))  # mean cos(angle) of von Mises kappa 3 (0.810); uniform angles give 0
+    # unadjusted Langevin (no Metropolis step, as the paper): step 0.3 leaves a bias of a few hundredths
+    assert float(result.samples[:, 0].mean()) == pytest.approx(expected, abs=0.06)
+
+
+def test_chains_confined_to_a_box_stay_in_it():
+    # the line x2 = 0 is unbounded; confined chains must stay in [-1, 1] in x1
+    line = lambda x: x[:, 1:2]  # noqa: E731
+    low, high = torch.tensor([-1.0, -1.0]), torch.tensor([1.0, 1.0])
+    start = torch.zeros(500, 2)
+    free = constrained_langevin(line, start, None, SamplerConfig(steps=100, step_size=0.3), _gen(20))
+    assert float(free.samples[:, 0].abs().max()) > 2.0  # unconfined: a random walk of spread 3
+    held = constrained_langevin(line, start, None, SamplerConfig(steps=100, step_size=0.3), _gen(20), (low, high))
+    assert float(held.samples[:, 0].abs().max()) <= 1.0
+    assert held.samples[:, 1].abs().max() < 1e-6
+    assert held.rejected_fraction > 0
+    # still spread over the segment (uniform on [-1, 1]: a quarter of the points beyond 0.5)
+    assert 0.15 < float((held.samples[:, 0] > 0.5).float().mean()) < 0.35
+
+
+def test_resampling_uniform_points_by_the_energy_follows_exp_minus_e():
+    volume = estimate_volume(unit_sphere, torch.tensor([-1.5, -1.5]), torch.tensor([1.5, 1.5]), codimension=1,
+                             points=100_000, delta=0.02, generator=_gen(21))
+    x = resample_uniform(lambda x: -3.0 * x[:, 0], volume, 4000, _gen(22))  # von Mises kappa 3 at angle 0
+    assert (x.norm(dim=-1) - 1).abs().max() < 1e-5
+    assert float(x[:, 0].mean()) == pytest.approx(float(i1(3.0) / i0(3.0)), abs=0.03)
 
 
 def test_union_of_two_circles_samples_both():
@@ -126,6 +152,18 @@ def test_training_f_decreases_its_norm_on_the_data():
     # points off the circle have a larger ||F|| than the data
     far = torch.as_tensor([[0.0, 0.0], [1.8, 1.8], [-1.9, 0.3]])
     assert float(F(far).norm(dim=-1).min()) > float(F(data).norm(dim=-1).median())
+
+
+def test_negatives_are_clamped_to_the_box_and_written_back():
+    from caloman.implicit.manifold import _negatives  # noqa: PLC0415
+
+    F = ManifoldFunction(2, 1)
+    config = ManifoldConfig(buffer_size=4, buffer_frac=1.0, langevin_steps=0)
+    buffer = torch.tensor([[3.0, 0.0], [0.5, -7.0], [0.2, 0.3], [-2.0, 2.0]])  # F's box is [-1, 1]^2
+    norm = lambda x: F(x).norm(dim=-1)  # noqa: E731
+    negative = _negatives(F, norm, buffer, 32, config, _gen(23))
+    assert negative.abs().max() <= 1.0 and (negative.abs() == 1.0).any()
+    assert buffer.abs().max() <= 1.0  # the clamped negatives replaced their buffer slots
 
 
 def test_bad_input_raises_typed_errors():

@@ -15,6 +15,7 @@ from caloman.implicit.energy import (
     ManifoldVolume,
     estimate_volume,
     normalised_density,
+    resample_uniform,
     train_energy,
 )
 from caloman.implicit.manifold import ManifoldConfig, ManifoldFunction, langevin, train_manifold
@@ -28,4 +29,4 @@ from caloman.implicit.sampling import (
 
 __all__ = ["EnergyConfig", "EnergyModel", "Intersection", "ManifoldConfig", "ManifoldFunction", "ManifoldVolume",
            "SamplerConfig", "SamplerResult", "Union", "constrained_langevin", "estimate_volume", "langevin",
-           "normalised_density", "project", "tangent_projection", "train_energy", "train_manifold"]
+           "normalised_density", "project", "resample_uniform", "tangent_projection", "train_energy", "train_manifold"]

@@ -113,10 +113,23 @@ def normalised_density(energy: Callable[[Tensor], Tensor], x: Tensor, volume: Ma
         return torch.exp(-(energy(x) - shift) - log_z)
 
 
+def resample_uniform(energy: Callable[[Tensor], Tensor], volume: ManifoldVolume, n: int,
+                     generator: torch.Generator | None = None) -> Tensor:
+    """n points (n, dim) drawn with replacement from the volume's uniform points with probability
+    proportional to exp(-E): approximately p = exp(-E) / Z on M, each component of M in proportion to
+    its mass under p (constrained chains cannot move between components; started here, they need not)."""
+    with torch.no_grad():
+        e = energy(volume.uniform_points)
+        probabilities = torch.softmax(-(e - e.min()), 0)
+    return volume.uniform_points[torch.multinomial(probabilities, n, replacement=True, generator=generator)]
+
+
 def train_energy(F: Callable[[Tensor], Tensor], data: Tensor, initial_negatives: Tensor,
-                 config: EnergyConfig = EnergyConfig(), generator: torch.Generator | None = None) -> EnergyModel:
+                 config: EnergyConfig = EnergyConfig(), generator: torch.Generator | None = None,
+                 box: tuple[Tensor, Tensor] | None = None) -> EnergyModel:
     """Contrastive divergence for E on the zero set of F. data (N, n); initial_negatives (k, n) on or
-    near the manifold (they refill the buffer); returns E in eval mode with ``history``."""
+    near the manifold (they refill the buffer); ``box`` confines the negative chains
+    (:func:`constrained_langevin`); returns E in eval mode with ``history``."""
     cfg = config
     energy = EnergyModel(data.shape[1], cfg.hidden)
     optimiser = torch.optim.Adam(energy.parameters(), lr=cfg.lr)
@@ -137,7 +150,7 @@ def train_energy(F: Callable[[Tensor], Tensor], data: Tensor, initial_negatives:
             fresh = torch.rand(b, generator=generator) > cfg.buffer_frac
             refill = initial_negatives[torch.randint(len(initial_negatives), (b,), generator=generator)]
             start = torch.where(fresh.unsqueeze(-1), refill, buffer[slots])
-            chain = constrained_langevin(F, start, frozen_energy, cfg.sampler, generator)
+            chain = constrained_langevin(F, start, frozen_energy, cfg.sampler, generator, box)
             negative = chain.samples
             buffer[slots] = negative
             e_pos, e_neg = energy(positive), energy(negative)

@@ -6,8 +6,9 @@ F is trained so that data lie on its zero set and other points do not:
            + rank_weight mean relu(sv_min - ||v^T J_F(x_data)|| / ||v||)^2
 
 The negatives x_neg are short-run Langevin samples of the energy ||F|| from a
-persistent replay buffer (refreshed with uniform noise in the data's box), so
-they sit where F is small but should not be. The last term keeps J_F full rank
+persistent replay buffer (refreshed with uniform noise in the data's box, and
+clamped to that box as the reference's), so they sit where F is small but
+should not be. The last term keeps J_F full rank
 on the data (random v, one vector-Jacobian product per batch), which keeps the
 zero set a regular level set of codimension c = n - m. The beta term bounds F
 on the negatives, which the negative term would otherwise push to infinity.
@@ -72,6 +73,14 @@ class ManifoldFunction(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
 
+    def clamp(self, x: Tensor) -> Tensor:
+        """Points x (b, features) clamped into the training box (as the reference's negatives)."""
+        return torch.maximum(torch.minimum(x, self.high), self.low)
+
+    def inside(self, x: Tensor) -> Tensor:
+        """Whether each point x (b, features) lies in the training box; (b,) bool."""
+        return ((x >= self.low) & (x <= self.high)).all(-1)
+
     def uniform(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """n points uniform in the box F was trained in, (n, features)."""
         u = torch.rand(n, self.features, generator=generator)
@@ -101,6 +110,23 @@ def rank_penalty(F: nn.Module, x: Tensor, sv_min: float, generator: torch.Genera
     return torch.relu(sv_min - ratio).square().mean()
 
 
+def _negatives(F: ManifoldFunction, norm_f, buffer: Tensor, b: int, cfg: ManifoldConfig,
+               generator: torch.Generator | None) -> Tensor:
+    """b Langevin negatives (b, n) from the buffer (refreshed with uniform noise), clamped to F's box
+    and written back to the buffer."""
+    slots = torch.randint(cfg.buffer_size, (b,), generator=generator)
+    fresh = torch.rand(b, generator=generator) > cfg.buffer_frac
+    start = torch.where(fresh.unsqueeze(-1), F.uniform(b, generator), buffer[slots])
+    for p in F.parameters():
+        p.requires_grad_(False)
+    negative = F.clamp(langevin(norm_f, start, cfg.langevin_steps, cfg.langevin_step_size, cfg.langevin_alpha,
+                                cfg.langevin_grad_clamp, generator))
+    for p in F.parameters():
+        p.requires_grad_(True)
+    buffer[slots] = negative
+    return negative
+
+
 def train_manifold(data: Tensor, config: ManifoldConfig = ManifoldConfig(),
                    generator: torch.Generator | None = None) -> ManifoldFunction:
     """Train F on data (N, n); returns F in eval mode with ``history`` (per epoch: loss, data and negative ||F||)."""
@@ -127,16 +153,7 @@ def train_manifold(data: Tensor, config: ManifoldConfig = ManifoldConfig(),
         for i in range(0, len(data), cfg.batch_size):
             positive = data[order[i:i + cfg.batch_size]]
             b = len(positive)
-            slots = torch.randint(cfg.buffer_size, (b,), generator=generator)
-            fresh = torch.rand(b, generator=generator) > cfg.buffer_frac
-            start = torch.where(fresh.unsqueeze(-1), F.uniform(b, generator), buffer[slots])
-            for p in F.parameters():
-                p.requires_grad_(False)
-            negative = langevin(norm_f, start, cfg.langevin_steps, cfg.langevin_step_size, cfg.langevin_alpha,
-                                cfg.langevin_grad_clamp, generator)
-            for p in F.parameters():
-                p.requires_grad_(True)
-            buffer[slots] = negative
+            negative = _negatives(F, norm_f, buffer, b, cfg, generator)
             f_pos, f_neg = norm_f(positive), norm_f(negative)
             loss = (f_pos.mean() - cfg.neg_weight * f_neg.mean() + cfg.beta * f_neg.square().mean()
                     + cfg.rank_weight * rank_penalty(F, positive, cfg.sv_min, generator))

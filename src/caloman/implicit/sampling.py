@@ -53,7 +53,7 @@ class SamplerConfig:
 class SamplerResult:
     samples: Tensor  # (b, n), on the manifold up to the tolerance
     mean_residual: float  # mean ||F|| of the samples
-    rejected_fraction: float  # steps whose Newton solve did not converge (the chain stayed put)
+    rejected_fraction: float  # steps whose Newton solve did not converge or that left the box (chain stayed put)
 
 
 def _jvp(F: ImplicitFunction, x: Tensor, v: Tensor) -> Tensor:
@@ -128,12 +128,15 @@ def _newton_multiplier(F: ImplicitFunction, q: Tensor, proposal: Tensor, config:
 
 
 def constrained_langevin(F: ImplicitFunction, initial: Tensor, energy: Energy | None = None,
-                         config: SamplerConfig = SamplerConfig(), generator: torch.Generator | None = None
-                         ) -> SamplerResult:
+                         config: SamplerConfig = SamplerConfig(), generator: torch.Generator | None = None,
+                         box: tuple[Tensor, Tensor] | None = None) -> SamplerResult:
     """Run ``config.steps`` constrained Langevin steps from ``initial`` (b, n), projected onto F = 0 first.
 
     ``energy`` maps (b, n) to (b,); None means E = 0 (the uniform density on the zero set).
-    A chain whose Newton solve fails keeps its point for that step (counted in ``rejected_fraction``).
+    A chain whose Newton solve fails keeps its point for that step (counted in ``rejected_fraction``);
+    so does one whose step would leave ``box`` = (low, high), each (n,), when given: the chains then
+    sample the zero set inside the box (a learned zero set is not compact; outside the data's box it
+    has pieces no data constrain, along which unconfined chains drift away).
     """
     if initial.ndim != 2:
         raise ConfigError(f"initial points must be (chains, dimension), got shape {tuple(initial.shape)}")
@@ -153,11 +156,14 @@ def constrained_langevin(F: ImplicitFunction, initial: Tensor, energy: Energy | 
                 drift = drift.clamp(-config.grad_clamp, config.grad_clamp)
         with torch.no_grad():
             y, ok = _newton_multiplier(F, q, q + eps * p - 0.5 * alpha * drift, config)
+            if box is not None:
+                ok &= ((y >= box[0]) & (y <= box[1])).all(-1)
             q = torch.where(ok.unsqueeze(-1), y, q)
         rejected += int((~ok).sum())
     with torch.no_grad():
         residual = float(torch.linalg.vector_norm(F(q), dim=-1).mean())
     total = max(config.steps * len(q), 1)
     if rejected:
-        logger.debug("constrained Langevin: %d of %d steps rejected (Newton did not converge)", rejected, total)
+        logger.debug("constrained Langevin: %d of %d steps rejected (Newton did not converge or left the box)",
+                     rejected, total)
     return SamplerResult(q.detach(), residual, rejected / total)

@@ -3,7 +3,8 @@
 - ``ebim``: the energy-based implicit manifold (Ross et al. 2023): F trained on
   the data (:func:`caloman.implicit.train_manifold`), a constrained energy on
   {F = 0} by contrastive divergence, samples from constrained Langevin chains
-  started at uniform points on the learned zero set (tube method).
+  started at uniform points on the learned zero set (tube method) resampled by
+  exp(-E), confined to F's training box.
 - ``pushforward``: an autoencoder with an m-dimensional code (the project's
   :class:`~caloman.models.autoencoders.PlainAutoencoder`) and a zuko spline flow
   on the standardised codes; samples decode flow samples. One chart: it cannot
@@ -23,7 +24,14 @@ import zuko
 from torch import Tensor, nn
 
 from caloman.errors import ConfigError
-from caloman.implicit import constrained_langevin, estimate_volume, normalised_density, train_energy, train_manifold
+from caloman.implicit import (
+    constrained_langevin,
+    estimate_volume,
+    normalised_density,
+    resample_uniform,
+    train_energy,
+    train_manifold,
+)
 from caloman.models.autoencoders import PlainAutoencoder
 from caloman.toy.methods import MethodOutput, ToySettings, register_method, timed
 
@@ -54,7 +62,7 @@ def ebim_method(train: np.ndarray, settings: ToySettings, g: torch.Generator) ->
     volume = estimate_volume(F, F.low, F.high, codimension=codimension, points=cfg.volume_points,
                              delta=cfg.volume_delta, sampler=cfg.sampler, generator=g)
     on = volume.uniform_points
-    on = on[torch.linalg.vector_norm(F(on), dim=-1) < cfg.sampler.tolerance * 10]  # drop failed projections
+    on = on[(torch.linalg.vector_norm(F(on), dim=-1) < cfg.sampler.tolerance * 10) & F.inside(on)]
     if len(on) < 10:
         raise ConfigError("the learned zero set is (nearly) empty in the data's box: F did not train; "
                           "raise the manifold epochs or lower neg_weight")
@@ -62,14 +70,19 @@ def ebim_method(train: np.ndarray, settings: ToySettings, g: torch.Generator) ->
     start = timed(info, "volume", start)
     info["volume"] = {"estimate": volume.volume, "standard_error": volume.standard_error,
                       "uniform_points": len(on), "delta": volume.delta, "box_points": volume.box_points}
-    energy = train_energy(F, data, on, cfg.energy, g)
+    box = (F.low, F.high) if cfg.confine else None
+    energy = train_energy(F, data, on, cfg.energy, g, box)
     start = timed(info, "energy", start)
     info["energy_final"] = energy.history[-1] if energy.history else None
-    initial = on[torch.randint(len(on), (settings.n_eval,), generator=g)]
-    chains = constrained_langevin(F, initial, energy, cfg.sampler, g)
+    if cfg.chain_start == "resample":
+        initial = resample_uniform(energy, volume, settings.n_eval, g)
+    else:
+        initial = on[torch.randint(len(on), (settings.n_eval,), generator=g)]
+    chains = constrained_langevin(F, initial, energy, cfg.sampler, g, box)
     timed(info, "sample", start)
     density = normalised_density(energy, data, volume)
-    info["samples"] = {"mean_residual_norm": chains.mean_residual, "rejected_fraction": chains.rejected_fraction}
+    info["samples"] = {"mean_residual_norm": chains.mean_residual, "rejected_fraction": chains.rejected_fraction,
+                       "chain_start": cfg.chain_start, "confined_to_box": cfg.confine}
     info["density_on_training_data"] = {"mean_log": float(density.log().mean())}
     return MethodOutput(chains.samples.numpy(), None, info, zero_set=on.numpy())
 

@@ -25,6 +25,7 @@ import torch
 import zuko
 from torch import Tensor, nn
 
+from caloman.errors import ConfigError
 from caloman.implicit import EnergyConfig, ManifoldConfig, SamplerConfig
 from caloman.models.mflow import MFlowSchedule
 from caloman.refinement import (
@@ -62,6 +63,14 @@ class EBIMToyConfig:
     volume_points: int = 200_000  # uniform box points of the tube-method volume estimate
     volume_delta: float = 0.05  # tube radius
     sampler: SamplerConfig = SamplerConfig(steps=100, step_size=0.3)  # final chains, one sample each
+    #: where the final chains start: "resample" (uniform points on the zero set drawn by exp(-E)) or
+    #: "uniform" (uniform points on the zero set)
+    chain_start: str = "resample"
+    confine: bool = True  # chains (training negatives and final) stay in F's training box
+
+    def __post_init__(self) -> None:
+        if self.chain_start not in ("resample", "uniform"):
+            raise ConfigError(f"chain_start must be 'resample' or 'uniform', got {self.chain_start!r}")
 
 
 @dataclass(frozen=True)
