@@ -42,7 +42,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--out", required=True, type=Path, metavar="RUN", help="run directory to create")
     parser.add_argument("--profile", choices=PROFILES, default=None,
                         help="training budget and model size: quick (default; minutes on a CPU) or full (all "
-                             "showers, 40 epochs per stage)")
+                             "showers, 80 epochs per stage)")
     parser.add_argument("--model-profile", metavar="NAME", default=None,
                         help="model size of its own: quick, full, or a kind's extra one such as paper (the "
                              "published sizes); default: --profile")
