@@ -208,6 +208,7 @@ def test_tree_weights_are_cross_fitted():
     out_of_fold = torch.cat([fit.generated_log_weight, fit.real_log_weight]).numpy()
     in_sample = fit.ratio.log_weight(torch.as_tensor(np.concatenate([generated, real]))).numpy()
     assert abs(roc_auc_score(label, out_of_fold) - 0.5) < 0.06
+    assert fit.out_of_fold_auc == pytest.approx(roc_auc_score(label, out_of_fold), abs=0.02)  # calibration is monotone
     assert roc_auc_score(label, in_sample) > 0.65
 
 

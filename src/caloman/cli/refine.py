@@ -49,6 +49,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"DCTR weights ({args.classifier}) of {weights['n']} generated showers: ESS fraction "
           f"{weights['ess_fraction']:.3f}, mean {weights['mean']:.3f}, "
           f"largest {', '.join(f'{w:.3g}' for w in weights['largest'])}")
+    history = report.get("classifier_history")
+    if isinstance(history, dict) and "out_of_fold_auc" in history:
+        print(f"tree classifier, generated vs training showers: out-of-fold AUC {history['out_of_fold_auc']:.3f}")
     if "latent_weights" in report:
         print(f"latent weights E[w | z]: ESS fraction {report['latent_weights']['ess_fraction']:.3f}")
     if "hmc_trial" in report:

@@ -160,7 +160,8 @@ def _fit_shower_ratio(model: Any, incident: Tensor, generated: Tensor, real: Ten
     if settings.dctr == "trees":
         fit = fit_tree_density_ratio(gen_x, real_x, settings.trees, seed=seed)
         ratio, weights = fit.ratio, fit.generated_log_weight.exp()
-        report["classifier_history"] = {"iterations": fit.iterations, "cross_fitted": True}
+        report["classifier_history"] = {"iterations": fit.iterations, "cross_fitted": True,
+                                        "out_of_fold_auc": fit.out_of_fold_auc}
     else:
         ratio = fit_density_ratio(gen_x, real_x, settings.classifier, generator=generator)
         weights = ratio.weight(gen_x)

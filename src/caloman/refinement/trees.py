@@ -42,6 +42,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from sklearn.ensemble import HistGradientBoostingClassifier
+from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 from threadpoolctl import threadpool_limits
 from torch import Tensor
@@ -239,6 +240,7 @@ class TreeFit:
     generated_log_weight: Tensor  # (n0,) calibrated, clipped; each from the model that did not train on it
     real_log_weight: Tensor  # (n1,)
     iterations: list[int]  # boosting iterations of each model
+    out_of_fold_auc: float  # AUC of the out-of-fold scores (0.5: the trees cannot tell the classes apart)
 
 
 def _make_model(config: TreeClassifierConfig, seed: int) -> HistGradientBoostingClassifier:
@@ -288,5 +290,6 @@ def fit_tree_density_ratio(generated: Tensor | np.ndarray, real: Tensor | np.nda
     ratio.set_calibration(fit_calibration(u, label_t, weight_t, config.calibration))
     with torch.no_grad():
         log_w = ratio.calibrated(torch.as_tensor(oof))
+    auc = float(roc_auc_score(label, oof, sample_weight=weight if weighted else None))
     return TreeFit(ratio=ratio.eval(), generated_log_weight=log_w[:n0], real_log_weight=log_w[n0:],
-                   iterations=iterations)
+                   iterations=iterations, out_of_fold_auc=auc)
