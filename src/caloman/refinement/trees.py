@@ -181,7 +181,7 @@ class TreeDensityRatio(CalibratedRatio):
         rows = np.ascontiguousarray(torch.as_tensor(x).detach().to("cpu", torch.float64).numpy())
         out = np.tile(self.baseline.cpu().numpy(), (len(rows), 1))
         no_categories, no_map = np.zeros((0, 8), dtype=np.uint32), np.zeros(0, dtype=np.uint32)
-        threads = torch.get_num_threads()
+        threads = torch.get_num_threads()  # the CLI's --threads
         for model, walker in zip(self.tree_model.tolist(), self._walkers(), strict=True):
             out[:, model] += walker.predict(rows, no_categories, no_map, threads)
         return torch.from_numpy(out).to(self.baseline.device)
@@ -211,8 +211,8 @@ def pack_trees(models: list[HistGradientBoostingClassifier], max_weight: float |
     size = len(trees) * n_nodes
     feature, missing = np.zeros(size, np.int64), np.ones(size, bool)
     threshold, value = np.full(size, np.inf), np.zeros(size)
-    left = right = np.arange(size, dtype=np.int64)  # padding and leaves point to themselves
-    left, right = left.copy(), right.copy()
+    left = np.arange(size, dtype=np.int64)  # padding and leaves point to themselves
+    right = left.copy()
     for t, (_, nodes) in enumerate(trees):
         offset, k = t * n_nodes, len(nodes)
         split = ~nodes["is_leaf"].astype(bool)
