@@ -14,7 +14,7 @@ from caloman.cli import main
 from caloman.errors import RunDirectoryError
 from caloman.io import ShowerFile, write_showers
 from caloman.metrics.separation import normalised_histogram
-from caloman.refinement.showers import RefinedModel
+from caloman.refinement.showers import RefinedModel, shower_features
 from caloman.runs import load_run, train_run
 from caloman.training import TrainingConfig
 
@@ -45,11 +45,11 @@ def base(tmp_path_factory):
     return tmp
 
 
-def _refine(tmp, method, out=None, base_dir=None):
-    out = out or tmp / f"refined-{method}"
+def _refine(tmp, method, out=None, base_dir=None, classifier="trees"):
+    out = out or tmp / f"refined-{method}-{classifier}"
     if not out.exists():
         assert main(["-q", "refine", str(base_dir or tmp / "run"), "--data", str(tmp / "train.h5"), "--out", str(out),
-                     "--method", method]) == 0
+                     "--method", method, "--classifier", classifier, "--threads", "1"]) == 0
     return out
 
 
@@ -68,17 +68,20 @@ def test_latent_round_trip(base):
     assert torch.equal(again, expected)
 
 
-@pytest.mark.parametrize("method", ["reweight", "refiner", "hmc"])
-def test_refine_then_generate(base, method, capsys):
-    refined = _refine(base, method)
+@pytest.mark.parametrize(("method", "classifier"), [("reweight", "trees"), ("refiner", "trees"), ("hmc", "trees"),
+                                                    ("reweight", "mlp")])
+def test_refine_then_generate(base, method, classifier, capsys):
+    refined = _refine(base, method, classifier=classifier)
     assert "ESS fraction" in capsys.readouterr().out
     config = json.loads((refined / "config.json").read_text())
     assert config["kind"] == "refined" and config["method"] == method
+    assert config["settings"]["dctr"] == classifier
     assert 0 < config["report"]["weights"]["ess_fraction"] <= 1
     assert sorted(p.name for p in refined.iterdir()) == ["config.json", "refinement.safetensors"]
     loaded = load_run(refined)
     assert isinstance(loaded.model, RefinedModel) and loaded.refinement["method"] == method
-    out = base / f"gen-{method}.h5"
+    assert loaded.model.classifier == classifier
+    out = base / f"gen-{method}-{classifier}.h5"
     assert main(["-q", "generate", str(refined), "--energy", "4096", "--count", "40", "--out", str(out)]) == 0
     with ShowerFile(out) as f:
         weights = f.read_weights()
@@ -87,8 +90,28 @@ def test_refine_then_generate(base, method, capsys):
         assert weights is not None and weights.shape == (40,) and (weights > 0).all()
     else:
         assert weights is None
+    if method == "reweight":  # the stored classifier, reloaded, gives the weights generate wrote
+        with ShowerFile(out) as f:
+            incident, showers = f.read()
+        features = shower_features(classifier, loaded.model.base, torch.as_tensor(incident), torch.as_tensor(showers))
+        assert np.allclose(loaded.model.ratio.weight(features).numpy(), weights, rtol=1e-5)
     if method == "hmc":
         assert 0 < loaded.model.hmc.burn_in and 0 <= config["report"]["hmc_trial"]["acceptance_rate"] <= 1
+
+
+def test_tree_weights_are_cross_fitted_at_refine_time(base):
+    config = json.loads((_refine(base, "reweight") / "config.json").read_text())
+    assert config["report"]["classifier_history"]["cross_fitted"] is True
+    assert len(config["report"]["classifier_history"]["iterations"]) == config["settings"]["trees"]["n_folds"]
+
+
+def test_a_run_refined_before_the_tree_classifier_loads_as_mlp(base, tmp_path):
+    refined = tmp_path / "old"
+    shutil.copytree(_refine(base, "reweight", classifier="mlp"), refined)
+    config = json.loads((refined / "config.json").read_text())
+    del config["settings"]["dctr"], config["settings"]["trees"]
+    (refined / "config.json").write_text(json.dumps(config))
+    assert load_run(refined).model.classifier == "mlp"
 
 
 def test_refiner_noise_replaces_the_latent_blocks(base):
@@ -167,3 +190,27 @@ def test_weighted_strong_test_ignores_showers_of_weight_zero(base):
     plain = run_strong_test("low", reference, generated, binning, settings, seed=0)
     weighted = run_strong_test("low", reference, generated, binning, settings, seed=0, generated_weights=weights)
     assert plain.auc > 0.7 and abs(weighted.auc - 0.5) < 0.15
+
+
+def test_benchmark_times_a_refined_run_with_its_weights_and_its_base(base, monkeypatch):
+    from caloman.benchmark import BenchmarkConfig, render_markdown, time_loaded
+
+    loaded = load_run(_refine(base, "reweight"))
+    calls = []
+    weights = loaded.model.shower_weights
+    monkeypatch.setattr(loaded.model, "shower_weights", lambda e, x: calls.append(len(e)) or weights(e, x))
+    config = BenchmarkConfig(batch_sizes=(1, 50), threads=1, min_seconds=0.0, reference_sampler=False, onnx=False)
+    timings, base_timings = time_loaded(loaded, np.full(60, 4096.0), config)
+    assert [t.batch_size for t in timings] == [t.batch_size for t in base_timings] == [1, 50]
+    assert 1 in calls and 50 in calls  # the timed refined calls computed the weights
+    assert time_loaded(load_run(base / "run"), np.full(60, 4096.0), config)[1] == []  # a plain run has no base row
+    as_dicts = [{"batch_size": b, "device": "cpu", "ms_per_shower": ms, "calls": 3, "threads": 1}
+                for b, ms in ((1, 3.0), (50, 0.2))]
+    report = {"config": {"profile": "quick", "threads": 1, "batch_sizes": [1, 50], "classifier": "none"},
+              "machine": {"torch": "2", "cpu": "cpu"}, "date": "2026", "caloman_version": "0", "command": "c",
+              "data": {"n_reference": 60}, "reference_sampler": [],
+              "models": [{"model": "caloman", "parameters": 1, "training_seconds": None, "training_peak_rss_mib": None,
+                          "timings": [{**t, "ms_per_shower": 1.5 * t["ms_per_shower"]} for t in as_dicts],
+                          "base_timings": as_dicts, "evaluation": {}}]}
+    md = render_markdown(report)
+    assert "| caloman: its base run | 3.0000 | 0.2000 |" in md and "| caloman | 1.50 | 1.50 |" in md

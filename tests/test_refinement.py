@@ -147,3 +147,81 @@ def test_deterministic_pullback_is_the_ratio_at_g_of_z():
     pull = DeterministicPullback(ratio, lambda z: 2 * z + 1)
     z = torch.randn(10, 1, generator=g)
     assert torch.allclose(pull.weight(z), ratio.weight(2 * z + 1))
+
+
+# -- the boosted-tree DCTR classifier --------------------------------------------------
+
+def _tree_config(**kw):
+    from caloman.refinement.trees import TreeClassifierConfig
+
+    base = dict(max_leaf_nodes=8, min_samples_leaf=200, n_iter_no_change=20, l2_regularization=1.0)
+    return TreeClassifierConfig(**{**base, **kw})
+
+
+def test_tree_walk_reproduces_scikit_learn():
+    # the stored trees (no pickle) must give scikit-learn's own decision function, NaN included
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    from caloman.refinement.trees import TreeDensityRatio, pack_trees
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2000, 3))
+    x[:100, 1] = np.nan
+    label = (x[:, 0] + np.nan_to_num(x[:, 1]) ** 2 + rng.normal(size=2000) > 0.5).astype(float)
+    model = HistGradientBoostingClassifier(max_iter=30, max_leaf_nodes=15, random_state=0).fit(x, label)
+    ratio = pack_trees([model])
+    assert np.allclose(ratio.logit(torch.as_tensor(x)).numpy(), model.decision_function(x), rtol=0, atol=1e-12)
+    again = TreeDensityRatio.from_state_dict(ratio.state_dict())
+    assert torch.equal(again.logit(torch.as_tensor(x)), ratio.logit(torch.as_tensor(x)))
+
+
+def test_tree_weights_match_the_analytic_ratio_of_two_gaussians():
+    # as for the MLP: generated N(0, 1), real N(0.5, 1), log w = 0.5 x - 0.125; unequal sizes (prior log 2)
+    from caloman.refinement.trees import fit_tree_density_ratio
+
+    rng = np.random.default_rng(1)
+    generated = rng.normal(size=(6000, 1))
+    real = rng.normal(size=(12000, 1)) + 0.5
+    fit = fit_tree_density_ratio(generated, real, _tree_config(), seed=0)
+    x = torch.linspace(-1.0, 1.5, 50, dtype=torch.float64)[:, None]  # where both samples are dense
+    error = (fit.ratio.log_weight(x) - (0.5 * x[:, 0] - 0.125)).abs()
+    assert float(error.mean()) < 0.08 and float(error.max()) < 0.25  # piecewise constant: steps, not a line
+    # both the cross-fitted weights of the training sample and the ensemble's reproduce the real mean
+    for w in (fit.generated_log_weight.exp(), fit.ratio.weight(torch.as_tensor(generated))):
+        assert float((w * torch.as_tensor(generated[:, 0])).sum() / w.sum()) == pytest.approx(0.5, abs=0.05)
+    assert float(fit.generated_log_weight.exp().mean()) == pytest.approx(1.0, abs=0.05)
+
+
+def test_tree_weights_are_cross_fitted():
+    # two samples of one distribution: the trees memorise noise, so in-sample scores separate the
+    # training points, the out-of-fold scores used for the weights do not
+    from sklearn.metrics import roc_auc_score
+
+    from caloman.refinement.trees import fit_tree_density_ratio
+
+    rng = np.random.default_rng(2)
+    generated, real = rng.normal(size=(600, 5)), rng.normal(size=(600, 5))
+    config = _tree_config(min_samples_leaf=2, max_leaf_nodes=31, n_iter_no_change=60, max_iter=60,
+                          l2_regularization=0.0, calibration="none")
+    fit = fit_tree_density_ratio(generated, real, config, seed=0)
+    label = np.r_[np.zeros(600), np.ones(600)]
+    out_of_fold = torch.cat([fit.generated_log_weight, fit.real_log_weight]).numpy()
+    in_sample = fit.ratio.log_weight(torch.as_tensor(np.concatenate([generated, real]))).numpy()
+    assert abs(roc_auc_score(label, out_of_fold) - 0.5) < 0.06
+    assert fit.out_of_fold_auc == pytest.approx(roc_auc_score(label, out_of_fold), abs=0.02)  # calibration is monotone
+    assert roc_auc_score(label, in_sample) > 0.65
+
+
+def test_tree_weight_clip_and_bad_config():
+    from caloman.errors import ConfigError
+    from caloman.refinement.trees import TreeClassifierConfig, fit_tree_density_ratio
+
+    rng = np.random.default_rng(3)
+    fit = fit_tree_density_ratio(rng.normal(size=(1500, 1)), rng.normal(size=(1500, 1)) + 2.0,
+                                 _tree_config(max_weight=5.0, min_samples_leaf=20), seed=0)
+    assert float(fit.ratio.weight(torch.tensor([[3.0], [6.0]], dtype=torch.float64)).max()) <= 5.0 + 1e-9
+    assert float(fit.generated_log_weight.max()) <= math.log(5.0) + 1e-9
+    with pytest.raises(ConfigError, match="n_folds"):
+        TreeClassifierConfig(n_folds=1)
+    with pytest.raises(ConfigError, match="too few"):
+        fit_tree_density_ratio(np.zeros((5, 1)), np.ones((5, 1)))

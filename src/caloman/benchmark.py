@@ -172,6 +172,35 @@ def time_model(sample: Callable[[Tensor], Tensor], energies: np.ndarray, config:
     return results
 
 
+def timed_sampler(model: nn.Module) -> Callable[[Tensor], Tensor]:
+    """What one timed call runs: ``model.sample``, and for a weighted model (a ``reweight``
+    refined run) also its :meth:`~caloman.models.base.ShowerModel.shower_weights`, copied to
+    the host, so the weights' cost is in the time."""
+    if not getattr(model, "weighted", False):
+        return model.sample
+
+    def sample(incident_energies: Tensor) -> Tensor:
+        showers = model.sample(incident_energies)
+        model.shower_weights(incident_energies, showers).to("cpu").numpy()
+        return showers
+
+    return sample
+
+
+def time_loaded(loaded: Any, energies: np.ndarray, config: BenchmarkConfig) -> tuple[list[Timing], list[Timing]]:
+    """Timings of a loaded run on every device and, for a refined run, of its base run in the
+    same process (else an empty list): (timings, base timings)."""
+    timings, base_timings = [], []
+    base = loaded.model.base if loaded.refinement is not None else None
+    for device in available_devices():
+        for model, out in ((loaded.model, timings), (base, base_timings)):
+            if model is not None:
+                model.to(device)
+                out += time_model(timed_sampler(model), energies, config, [device])
+    loaded.model.to("cpu")
+    return timings, base_timings
+
+
 def available_devices() -> list[str]:
     return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
 
@@ -276,6 +305,7 @@ class ModelResult:
     evaluation: dict[str, Any] = field(default_factory=dict)
     onnx_timings: list[Timing] = field(default_factory=list)
     onnx_note: str | None = None
+    base_timings: list[Timing] = field(default_factory=list)  # a refined run's base run, timed in the same run
 
 
 def simulate_builtin_data(out_dir: Path, binning: Binning, config: BenchmarkConfig) -> tuple[Path, Path, float]:
@@ -297,12 +327,31 @@ def simulate_builtin_data(out_dir: Path, binning: Binning, config: BenchmarkConf
     return train, reference, ms
 
 
+def _evaluate_run(loaded: Any, kind: str, reference: tuple[np.ndarray, np.ndarray], reference_file: Path,
+                  out_dir: Path, config: BenchmarkConfig) -> dict[str, Any]:
+    """Generate one shower per reference energy and evaluate them. A weighted run's showers
+    go through a file with their ``weights`` and are evaluated weighted (as
+    ``caloman evaluate --weights``), when the classifier setting allows weights."""
+    from caloman.evaluation import EvaluationConfig, evaluate_arrays, evaluate_files
+    from caloman.generation import generate, generate_to_file
+
+    evaluation_dir = out_dir / "evaluation" / kind
+    if loaded.model.weighted and config.classifier in ("strong", "none"):
+        path = generate_to_file(loaded, out_dir / "generated" / f"{kind}.h5", reference[0], batch_size=10_000,
+                                seed=config.seed, energy_policy="warn")
+        return evaluate_files(path, reference_file, loaded.binning, evaluation_dir,
+                              EvaluationConfig(classifier=config.classifier, seed=config.seed, weights=True))
+    generated = np.concatenate(list(generate(loaded.model, reference[0], batch_size=10_000, seed=config.seed,
+                                             energy_policy="warn")))
+    return evaluate_arrays(reference, (reference[0], generated), loaded.binning, evaluation_dir,
+                           EvaluationConfig(classifier=config.classifier, seed=config.seed))
+
+
 def run_benchmark(out_dir: str | Path, config: BenchmarkConfig, *, run_dirs: dict[str, Path] | None = None,
                   train_file: Path | None = None, reference_file: Path | None = None) -> dict[str, Any]:
     """Train (or load) each model, time it, evaluate it; write ``benchmark.json``
     and ``benchmark.md`` into ``out_dir`` and return the results."""
-    from caloman.evaluation import EvaluationConfig, evaluate_arrays, to_jsonable
-    from caloman.generation import generate
+    from caloman.evaluation import to_jsonable
     from caloman.runs import load_run, train_run
     from caloman.training import TrainingConfig
 
@@ -337,26 +386,18 @@ def run_benchmark(out_dir: str | Path, config: BenchmarkConfig, *, run_dirs: dic
         peaks = [s.peak_rss_mib for s in history.stages if s.peak_rss_mib is not None]
 
         logger.info("timing %s", kind)
-        timings = []
-        for device in devices:
-            model.to(device)
-            timings += time_model(model.sample, ref_energies, config, [device])
-        model.to("cpu")
+        timings, base_timings = time_loaded(loaded, ref_energies, config)
         onnx_timings, onnx_note = [], "not timed (--no-onnx)"
         if config.onnx:
             logger.info("timing %s with ONNX Runtime", kind)
             onnx_timings, onnx_note = time_onnx(loaded, ref_energies, config, out_dir / "onnx" / f"{kind}.onnx")
 
         logger.info("generating %d showers with %s for the evaluation", len(ref_energies), kind)
-        generated = np.concatenate(list(generate(model, ref_energies, batch_size=10_000, seed=config.seed,
-                                                 energy_policy="warn")))
-        metrics = evaluate_arrays((ref_energies, ref_showers), (ref_energies, generated), binning,
-                                  out_dir / "evaluation" / kind,
-                                  EvaluationConfig(classifier=config.classifier, seed=config.seed))
+        metrics = _evaluate_run(loaded, kind, (ref_energies, ref_showers), reference_file, out_dir, config)
         results.append(ModelResult(model=kind, run_dir=str(run_dir), parameters=count_parameters(model),
                                    training_seconds=train_s, training_peak_rss_mib=max(peaks) if peaks else None,
                                    timings=timings, evaluation=metrics, onnx_timings=onnx_timings,
-                                   onnx_note=onnx_note))
+                                   onnx_note=onnx_note, base_timings=base_timings))
 
     reference_timings: list[Timing] = []
     if config.reference_sampler:
@@ -483,6 +524,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     rows = []
     for m in report["models"]:
         rows.append((m["model"], _timing_lookup(m["timings"])))
+        if m.get("base_timings"):
+            rows.append((f"{m['model']}: its base run", _timing_lookup(m["base_timings"])))
         if m.get("onnx_timings"):
             rows.append((f"{m['model']} (ONNX Runtime)", _timing_lookup(m["onnx_timings"])))
     if ref:
@@ -491,6 +534,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append("| " + " | ".join([name] + [_fmt(table.get((d, b))) for d in devices for b in batch_sizes]) + " |")
     keys = [(d, b) for d in devices for b in batch_sizes]
     lines += _onnx_lines(report["models"], cfg, header, keys)
+    refined = [m for m in report["models"] if m.get("base_timings")]
+    if refined:
+        lines += ["", "Refined run's time divided by its base run's, both timed in this run (a reweight run's "
+                      "time includes its weights):", ""]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for m in refined:  # the table's rows only
+            lines += _ratio_table([m], _timing_lookup(m["base_timings"]), header, keys)[2:]
     if ref:
         lines += ["", "Ratio to the reference sampler measured in the same run (below 1 = faster):", ""]
         lines += _ratio_table(report["models"], ref, header, keys)

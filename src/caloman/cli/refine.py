@@ -23,19 +23,35 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                              "generation time (default reweight)")
     parser.add_argument("--profile", choices=("quick", "full"), default="quick",
                         help="classifier / refiner sizes and epochs (default quick: at most 20,000 showers)")
+    parser.add_argument("--classifier", choices=("trees", "mlp"), default="trees",
+                        help="DCTR classifier of the weights: trees (gradient-boosted trees like the strong test's, "
+                             "cross-fitted, Platt-calibrated; default) or mlp (a small network)")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads of torch and of the trees (default 2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the samples, splits and initial weights")
     parser.set_defaults(func=run)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    from caloman.refinement.runs import refine_run  # noqa: PLC0415 (keep `caloman --help` fast)
+    import torch  # noqa: PLC0415 (keep `caloman --help` fast)
 
-    config = refine_run(args.run_dir, args.data, args.out, method=args.method, profile=args.profile, seed=args.seed)
+    from caloman.errors import ConfigError  # noqa: PLC0415
+    from caloman.refinement.runs import RefineSettings, refine_run  # noqa: PLC0415
+
+    if args.threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
+    settings = RefineSettings.profile(args.profile).with_options(dctr=args.classifier, threads=args.threads)
+    config = refine_run(args.run_dir, args.data, args.out, method=args.method, profile=args.profile, seed=args.seed,
+                        settings=settings)
     report = config["report"]
     weights = report["weights"]
-    print(f"DCTR weights of {weights['n']} generated showers: ESS fraction {weights['ess_fraction']:.3f}, "
-          f"mean {weights['mean']:.3f}, largest {', '.join(f'{w:.3g}' for w in weights['largest'])}")
+    print(f"DCTR weights ({args.classifier}) of {weights['n']} generated showers: ESS fraction "
+          f"{weights['ess_fraction']:.3f}, mean {weights['mean']:.3f}, "
+          f"largest {', '.join(f'{w:.3g}' for w in weights['largest'])}")
+    history = report.get("classifier_history")
+    if isinstance(history, dict) and "out_of_fold_auc" in history:
+        print(f"tree classifier, generated vs training showers: out-of-fold AUC {history['out_of_fold_auc']:.3f}")
     if "latent_weights" in report:
         print(f"latent weights E[w | z]: ESS fraction {report['latent_weights']['ess_fraction']:.3f}")
     if "hmc_trial" in report:

@@ -44,8 +44,15 @@ from caloman.io import atomic_directory, load_showers
 from caloman.refinement.hmc import HMCConfig
 from caloman.refinement.latent import fit_latent_weights
 from caloman.refinement.refiner import RefinerConfig, WeightedFlowRefiner
-from caloman.refinement.showers import METHODS, RefinedModel, classifier_features, energy_condition
-from caloman.refinement.weights import ClassifierConfig, DensityRatio, fit_density_ratio, weight_summary
+from caloman.refinement.showers import CLASSIFIERS, METHODS, RefinedModel, energy_condition, shower_features
+from caloman.refinement.trees import TreeClassifierConfig, TreeDensityRatio, fit_tree_density_ratio
+from caloman.refinement.weights import (
+    CalibratedRatio,
+    ClassifierConfig,
+    DensityRatio,
+    fit_density_ratio,
+    weight_summary,
+)
 from caloman.training import load_tensors, save_tensors, sha256_file
 
 logger = logging.getLogger("caloman.refinement")
@@ -55,6 +62,11 @@ REFINED_KIND = "refined"
 CONFIG_FILE = "config.json"
 TENSORS_FILE = "refinement.safetensors"
 PROFILES = ("quick", "full")
+FEATURE_NOTES = {
+    "mlp": "log1p(E_voxel / threshold), log10(E_layer / E_inc + 1e-6), scaled log E_inc",
+    "trees": "strong test's low inputs (log10 E_inc, E_voxel / E_inc, layer energy ratios, voxel spectra), "
+             "high-level vector",
+}
 
 
 @dataclass(frozen=True)
@@ -65,6 +77,8 @@ class RefineSettings:
     latent draws, per training shower, the refiner fits (their weights come from the
     learned E[w | z, E], so they cost one classifier evaluation each);
     ``hmc_trial_chains``: chains run once at refine time to report the acceptance rate.
+    ``dctr``: which DCTR classifier gives the weights, ``"trees"`` (``trees``, boosted
+    trees, cross-fitted) or ``"mlp"`` (``classifier``).
     """
 
     classifier: ClassifierConfig
@@ -75,6 +89,12 @@ class RefineSettings:
     latent_points: int = 4
     hmc_trial_chains: int = 256
     batch_size: int = 4096
+    dctr: str = "trees"
+    trees: TreeClassifierConfig = TreeClassifierConfig()
+
+    def __post_init__(self) -> None:
+        if self.dctr not in CLASSIFIERS:
+            raise ConfigError(f"unknown DCTR classifier {self.dctr!r}; use one of {', '.join(CLASSIFIERS)}")
 
     @classmethod
     def profile(cls, name: str) -> RefineSettings:
@@ -96,6 +116,13 @@ class RefineSettings:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def with_options(self, *, dctr: str | None = None, threads: int | None = None) -> RefineSettings:
+        """These settings with another DCTR classifier and / or tree thread count."""
+        settings = self if dctr is None else dataclasses.replace(self, dctr=dctr)
+        if threads is not None:
+            settings = dataclasses.replace(settings, trees=dataclasses.replace(settings.trees, max_threads=threads))
+        return settings
+
 
 def _from_dict(cls: type, values: dict[str, Any]) -> Any:
     """A frozen config dataclass from its ``asdict`` (lists back to tuples)."""
@@ -116,6 +143,31 @@ def is_refined_run(run_dir: str | Path) -> bool:
 def _in_batches(fn, *tensors: Tensor, batch_size: int) -> Tensor:
     with torch.no_grad():
         return torch.cat([fn(*(t[i:i + batch_size] for t in tensors)) for i in range(0, len(tensors[0]), batch_size)])
+
+
+def _fit_shower_ratio(model: Any, incident: Tensor, generated: Tensor, real: Tensor, settings: RefineSettings,
+                      seed: int, generator: torch.Generator) -> tuple[CalibratedRatio, Tensor, dict[str, Any]]:
+    """Train the DCTR classifier ``settings.dctr`` on the generated (label 0) and real
+    (label 1) showers at the same ``incident`` energies. Returns the ratio, each
+    generated shower's weight (n,) and the report: weight summary, training history
+    and input count. Tree weights are out-of-fold (cross-fitted); MLP weights are in-sample."""
+    def features(showers: Tensor) -> Tensor:
+        return _in_batches(lambda e, x: shower_features(settings.dctr, model, e, x), incident, showers,
+                           batch_size=settings.batch_size)
+
+    gen_x, real_x = features(generated), features(real)
+    report: dict[str, Any] = {"n_classifier_inputs": int(gen_x.shape[1])}
+    if settings.dctr == "trees":
+        fit = fit_tree_density_ratio(gen_x, real_x, settings.trees, seed=seed)
+        ratio, weights = fit.ratio, fit.generated_log_weight.exp()
+        report["classifier_history"] = {"iterations": fit.iterations, "cross_fitted": True,
+                                        "out_of_fold_auc": fit.out_of_fold_auc}
+    else:
+        ratio = fit_density_ratio(gen_x, real_x, settings.classifier, generator=generator)
+        weights = ratio.weight(gen_x)
+        report["classifier_history"] = ratio.history
+    report["weights"] = weight_summary(weights)
+    return ratio, weights.to(torch.float32), report
 
 
 def refine_run(base_dir: str | Path, data: str | Path, out_dir: str | Path, *, method: str = "reweight",
@@ -154,13 +206,9 @@ def refine_run(base_dir: str | Path, data: str | Path, out_dir: str | Path, *, m
     with torch.no_grad():
         generated = _in_batches(lambda e, z: model.showers_from_latent(e, z), incident, latent,
                                 batch_size=settings.batch_size)
-    logger.info("refine: sampled %d showers of %s; training the classifier", n, base_dir)
-    gen_x = _in_batches(lambda e, x: classifier_features(model, e, x), incident, generated,
-                        batch_size=settings.batch_size)
-    real_x = _in_batches(lambda e, x: classifier_features(model, e, x), incident, real, batch_size=settings.batch_size)
-    ratio = fit_density_ratio(gen_x, real_x, settings.classifier, generator=generator)
-    weights = ratio.weight(gen_x)
-    report: dict[str, Any] = {"weights": weight_summary(weights), "classifier_history": ratio.history}
+    logger.info("refine: sampled %d showers of %s; training the %s classifier", n, base_dir, settings.dctr)
+    ratio, weights, report = _fit_shower_ratio(model, incident, generated, real, settings, seed, generator)
+    n_inputs = report.pop("n_classifier_inputs")
     logger.info("refine: weights: ESS fraction %.3f, largest %s", report["weights"]["ess_fraction"],
                 ", ".join(f"{w:.3g}" for w in report["weights"]["largest"]))
     tensors = {f"ratio.{k}": v for k, v in ratio.state_dict().items()}
@@ -180,7 +228,8 @@ def refine_run(base_dir: str | Path, data: str | Path, out_dir: str | Path, *, m
             refiner = WeightedFlowRefiner(z.shape[1], 1, settings.refiner).fit(z, w_z, c, generator=generator)
             tensors.update({f"refiner.{k}": v for k, v in refiner.state_dict().items()})
             report["refiner_history"] = refiner.history
-    refined = RefinedModel(model, method, ratio, latent_ratio=latent_ratio, refiner=refiner, hmc=settings.hmc)
+    refined = RefinedModel(model, method, ratio, latent_ratio=latent_ratio, refiner=refiner, hmc=settings.hmc,
+                           classifier=settings.dctr)
     if method == "hmc":
         trial = torch.randperm(n, generator=generator)[:settings.hmc_trial_chains]
         refined.hmc_latent(model.sample_latent(len(trial)), energy_condition(model, incident[trial]))
@@ -202,9 +251,9 @@ def refine_run(base_dir: str | Path, data: str | Path, out_dir: str | Path, *, m
             "config_sha256": sha256_file(base_abs / CONFIG_FILE),
         },
         "data": {"path": str(Path(data).resolve()), "n_showers": n},
-        "features": {"classifier": "log1p(E_voxel / threshold), log10(E_layer / E_inc + 1e-6), scaled log E_inc",
+        "features": {"classifier": FEATURE_NOTES[settings.dctr],
                      "latent_classifier": "latent z (the base model's latent blocks), scaled log E_inc",
-                     "n_classifier_inputs": int(gen_x.shape[1]), "latent_size": int(latent.shape[1]),
+                     "n_classifier_inputs": n_inputs, "latent_size": int(latent.shape[1]),
                      "latent_blocks": list(model.latent_blocks())},
         "settings": settings.to_dict(),
         "report": report,
@@ -251,6 +300,7 @@ def load_refined_run(run_dir: str | Path, *, factory: Any = None, device: str | 
         if config.get("format") != REFINED_FORMAT:
             raise RunDirectoryError(f"{path} is not a {REFINED_FORMAT} configuration; {remedy}")
         method, entry, settings = config["method"], config["base_run"], config["settings"]
+        dctr = settings.get("dctr", "mlp")  # runs refined before the tree classifier used the MLP
         features = config["features"]
         sha = config["files"][TENSORS_FILE]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
@@ -261,7 +311,10 @@ def load_refined_run(run_dir: str | Path, *, factory: Any = None, device: str | 
     def part(prefix: str) -> dict[str, Tensor]:
         return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
-    def ratio_of(prefix: str, key: str, n_inputs: int) -> DensityRatio:
+    def ratio_of(prefix: str, key: str, n_inputs: int) -> CalibratedRatio:
+        if key == "classifier" and dctr == "trees":
+            return TreeDensityRatio.from_state_dict(part(prefix), _from_dict(TreeClassifierConfig,
+                                                                             settings["trees"]).max_weight)
         cfg = _from_dict(ClassifierConfig, settings[key])
         ratio = DensityRatio(n_inputs, cfg.hidden, cfg.max_weight)
         ratio.load_state_dict(part(prefix))
@@ -277,8 +330,8 @@ def load_refined_run(run_dir: str | Path, *, factory: Any = None, device: str | 
             refiner.load_state_dict(part("refiner."))
             refiner.eval()
         model = RefinedModel(base.model, method, ratio, latent_ratio=latent_ratio, refiner=refiner,
-                             hmc=_from_dict(HMCConfig, settings["hmc"]))
-    except (KeyError, TypeError, RuntimeError) as exc:
+                             hmc=_from_dict(HMCConfig, settings["hmc"]), classifier=dctr)
+    except (KeyError, TypeError, RuntimeError, ConfigError) as exc:
         raise RunDirectoryError(f"{run_dir / TENSORS_FILE} does not fit {path} ({exc}); {remedy}") from exc
     model.to(device)
     model.eval()

@@ -24,12 +24,16 @@ from caloman.geometry import Binning
 from caloman.models.base import NoiseBlock, NoiseShape, ShowerModel, Stage
 from caloman.refinement.hmc import HMCConfig, hmc_sample
 from caloman.refinement.refiner import WeightedFlowRefiner
-from caloman.refinement.weights import DensityRatio
+from caloman.refinement.weights import CalibratedRatio
 
 logger = logging.getLogger("caloman.refinement")
 
 Method = Literal["reweight", "refiner", "hmc"]
 METHODS: tuple[str, ...] = ("reweight", "refiner", "hmc")
+
+Classifier = Literal["trees", "mlp"]
+#: The DCTR classifiers: boosted trees (:mod:`caloman.refinement.trees`) or an MLP (:mod:`caloman.refinement.weights`).
+CLASSIFIERS: tuple[str, ...] = ("trees", "mlp")
 
 #: Added to E_layer / E_inc before the logarithm (an empty layer gives log10(1e-6) = -6).
 LAYER_FRACTION_FLOOR = 1e-6
@@ -68,11 +72,41 @@ def classifier_features(model: ShowerModel, incident_energies: Tensor, showers: 
     return torch.cat([voxels, fractions, energy_condition(model, incident_energies)], dim=1)
 
 
+def tree_classifier_features(model: ShowerModel, incident_energies: Tensor, showers: Tensor) -> Tensor:
+    """The boosted-tree DCTR classifier's input (n, F), float64, after the readout threshold:
+    the strong test's ``low`` inputs (:func:`caloman.metrics.strong.strong_inputs`: log10 E_inc,
+    voxels / E_inc, layer and total energy ratios, per-layer voxel spectra) followed by the
+    challenge's high-level vector (:func:`caloman.metrics.classifier.classifier_inputs`
+    ``"high"``: centres, widths, sparsity, ...). Trees split on ranks, so voxels / E_inc
+    serves as well as their logarithm; the energy enters as log10 E_inc, so the ratio is
+    conditional, as with :func:`classifier_features`.
+    """
+    from caloman.metrics.classifier import classifier_inputs  # noqa: PLC0415 (sklearn-heavy, only for trees)
+    from caloman.metrics.strong import strong_inputs  # noqa: PLC0415
+
+    binning: Binning = model.binning
+    showers = showers.detach().to("cpu", torch.float64)
+    showers = torch.where(showers >= binning.readout_threshold, showers, torch.zeros_like(showers)).numpy()
+    energies = incident_energies.detach().to("cpu", torch.float64).reshape(-1).numpy()
+    low = strong_inputs("low", energies, showers, binning)
+    high = classifier_inputs("high", energies, showers, binning)
+    return torch.from_numpy(np.concatenate([low.astype(np.float64), high], axis=1))
+
+
+def shower_features(classifier: str, model: ShowerModel, incident_energies: Tensor, showers: Tensor) -> Tensor:
+    """The input of the DCTR classifier ``classifier`` (one of :data:`CLASSIFIERS`), (n, F)."""
+    if classifier == "trees":
+        return tree_classifier_features(model, incident_energies, showers)
+    if classifier == "mlp":
+        return classifier_features(model, incident_energies, showers)
+    raise ConfigError(f"unknown DCTR classifier {classifier!r}; use one of {', '.join(CLASSIFIERS)}")
+
+
 class RefinedModel(ShowerModel):
     """A trained base model with a refinement (:data:`METHODS`) on top.
 
     - ``reweight``: samples are the base model's; :meth:`shower_weights` gives each
-      shower its DCTR weight w(x) = ratio(classifier_features(x)).
+      shower its DCTR weight w(x) = ratio(shower_features(classifier, x)).
     - ``refiner``: the latent blocks of the base model's noise are replaced by the
       refiner flow's base noise (block ``"refiner"``); :meth:`sample_from_noise`
       maps it through the refiner to z given the scaled energy, then runs the
@@ -86,18 +120,21 @@ class RefinedModel(ShowerModel):
 
     kind = "refined"
 
-    def __init__(self, base: ShowerModel, method: Method, ratio: DensityRatio, *,
-                 latent_ratio: DensityRatio | None = None, refiner: WeightedFlowRefiner | None = None,
-                 hmc: HMCConfig | None = None) -> None:
+    def __init__(self, base: ShowerModel, method: Method, ratio: CalibratedRatio, *,
+                 latent_ratio: CalibratedRatio | None = None, refiner: WeightedFlowRefiner | None = None,
+                 hmc: HMCConfig | None = None, classifier: Classifier = "mlp") -> None:
         super().__init__(None, base.binning)
         if method not in METHODS:
             raise ConfigError(f"unknown refinement method {method!r}; use one of {', '.join(METHODS)}")
+        if classifier not in CLASSIFIERS:
+            raise ConfigError(f"unknown DCTR classifier {classifier!r}; use one of {', '.join(CLASSIFIERS)}")
         if method == "refiner" and (refiner is None or latent_ratio is None):
             raise ConfigError("a refiner run needs its refiner flow and latent weights")
         if method == "hmc" and (hmc is None or latent_ratio is None):
             raise ConfigError("an hmc run needs its sampler settings and latent weights")
         self.base, self.method, self.ratio = base, method, ratio
         self.latent_ratio, self.refiner, self.hmc = latent_ratio, refiner, hmc
+        self.classifier = classifier  # which features ``ratio`` takes
         self.energy_range.copy_(base.energy_range)
         self.last_acceptance_rate: float | None = None  # of the latest hmc batch
         self.weighted = method == "reweight"
@@ -152,11 +189,12 @@ class RefinedModel(ShowerModel):
     def shower_weights(self, incident_energies: Tensor, showers: Tensor) -> Tensor | None:
         if self.method != "reweight":
             return None
-        return self.ratio.weight(classifier_features(self.base, incident_energies, showers))
+        features = shower_features(self.classifier, self.base, incident_energies, showers)
+        return self.ratio.weight(features.to(self.ratio.slope.device))
 
     def export_refusal(self) -> str | None:
         return (f"a refined run ({self.method}) adds a classifier, a refiner flow or a sampler that the exported "
                 "graph does not hold; export its base run (the `base_run` entry of its config.json) instead")
 
     def config_dict(self) -> dict[str, object]:
-        return {"method": self.method, "base_kind": self.base.kind}
+        return {"method": self.method, "base_kind": self.base.kind, "classifier": self.classifier}

@@ -57,15 +57,58 @@ class ClassifierConfig:
     max_weight: float | None = 100.0  # upper clip of w (None: no clip)
 
 
-class DensityRatio(nn.Module):
-    """w(x) ~ p_real(x) / p_generated(x) from a trained classifier.
+class CalibratedRatio(nn.Module):
+    """A density ratio from a classifier's logit: log w(x) = a (logit(x) + log_prior) + b + log_offset,
+    clipped above at log(max_weight). Subclasses give :meth:`logit`; :class:`DensityRatio`
+    (an MLP) and :class:`~caloman.refinement.trees.TreeDensityRatio` (boosted trees)."""
+
+    def __init__(self, max_weight: float | None = None) -> None:
+        super().__init__()
+        self.register_buffer("slope", torch.tensor(1.0))  # calibration: a * (logit + log_prior) + b
+        self.register_buffer("bias", torch.tensor(0.0))
+        self.register_buffer("log_prior", torch.tensor(0.0))  # log(W_generated / W_real)
+        self.register_buffer("log_offset", torch.tensor(0.0))  # constant added to log w
+        self.max_weight = max_weight
+
+    def logit(self, x: Tensor) -> Tensor:
+        """Raw classifier logit, (n, d) -> (n,)."""
+        raise NotImplementedError
+
+    def calibrated(self, logit: Tensor) -> Tensor:
+        """Calibrated, prior-corrected, clipped log w from raw logits (n,) -> (n,)."""
+        log_w = self.slope * (logit + self.log_prior) + self.bias + self.log_offset
+        if self.max_weight is not None:
+            log_w = log_w.clamp(max=math.log(self.max_weight))
+        return log_w
+
+    def log_weight(self, x: Tensor) -> Tensor:
+        """Calibrated, prior-corrected, clipped log w(x), (n, d) -> (n,)."""
+        return self.calibrated(self.logit(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.log_weight(x)
+
+    @torch.no_grad()
+    def weight(self, x: Tensor, batch_size: int = 65536) -> Tensor:
+        """w(x) for x (n, d), evaluated in batches without gradients; (n,)."""
+        return torch.cat([self.log_weight(x[i:i + batch_size]).exp() for i in range(0, len(x), batch_size)])
+
+    def set_calibration(self, fitted: tuple[float, float] | None) -> None:
+        """Store a :func:`fit_calibration` result (None keeps the uncalibrated ratio)."""
+        if fitted is not None:
+            self.slope.fill_(fitted[0])
+            self.bias.fill_(fitted[1])
+
+
+class DensityRatio(CalibratedRatio):
+    """w(x) ~ p_real(x) / p_generated(x) from a trained MLP classifier.
 
     ``log_weight(x)`` for x of shape (n, d) returns (n,), differentiable in x;
     ``weight(x)`` is its exponential. ``history`` holds per-epoch losses.
     """
 
     def __init__(self, features: int, hidden: tuple[int, ...], max_weight: float | None = None) -> None:
-        super().__init__()
+        super().__init__(max_weight)
         layers: list[nn.Module] = []
         width = features
         for h in hidden:
@@ -75,31 +118,11 @@ class DensityRatio(nn.Module):
         self.net = nn.Sequential(*layers)
         self.register_buffer("shift", torch.zeros(features))
         self.register_buffer("scale", torch.ones(features))
-        self.register_buffer("slope", torch.tensor(1.0))  # calibration: a * (logit + log_prior) + b
-        self.register_buffer("bias", torch.tensor(0.0))
-        self.register_buffer("log_prior", torch.tensor(0.0))  # log(W_generated / W_real)
-        self.register_buffer("log_offset", torch.tensor(0.0))  # constant added to log w
-        self.max_weight = max_weight
         self.history: list[dict[str, float]] = []
 
     def logit(self, x: Tensor) -> Tensor:
         """Raw classifier logit, (n, d) -> (n,)."""
         return self.net((x - self.shift) / self.scale).squeeze(-1)
-
-    def log_weight(self, x: Tensor) -> Tensor:
-        """Calibrated, prior-corrected, clipped log w(x), (n, d) -> (n,)."""
-        log_w = self.slope * (self.logit(x) + self.log_prior) + self.bias + self.log_offset
-        if self.max_weight is not None:
-            log_w = log_w.clamp(max=math.log(self.max_weight))
-        return log_w
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.log_weight(x)
-
-    @torch.no_grad()
-    def weight(self, x: Tensor, batch_size: int = 65536) -> Tensor:
-        """w(x) for x (n, d), evaluated in batches without gradients; (n,)."""
-        return torch.cat([self.log_weight(x[i:i + batch_size]).exp() for i in range(0, len(x), batch_size)])
 
 
 @dataclass
@@ -194,31 +217,40 @@ def _class_weight(data: LabelledSample, label: int) -> float:
 
 
 def _calibrate(model: DensityRatio, val: LabelledSample, method: str) -> None:
-    """Fit log w = a u + b, u = prior-free log ratio, by weighted BCE on the validation split.
-
-    On the validation split the classifier's logit is a u + b + log(W1/W0)_val;
-    Platt fits a and b, temperature only a (= 1 / T)."""
-    if method == "none":
-        return
+    """Calibrate on the validation split (see :func:`fit_calibration`)."""
     with torch.no_grad():
         u = model.logit(val.x) + model.log_prior
-    balance = math.log(_class_weight(val, 1) / _class_weight(val, 0))
+    model.set_calibration(fit_calibration(u, val.label, val.weight, method))
+
+
+def fit_calibration(log_ratio: Tensor, label: Tensor, weight: Tensor, method: str) -> tuple[float, float] | None:
+    """Fit log w = a u + b to held-out points by weighted BCE; returns (a, b), or None
+    for ``method`` "none" or a degenerate fit (then the uncalibrated ratio is kept).
+
+    ``log_ratio`` u (n,) is the classifier's prior-free log ratio on points it did not
+    train on, ``label`` (n,) 1 for real, ``weight`` (n,). Their classifier logit is
+    a u + b + log(W1/W0) (W the total weight per class); Platt fits a and b,
+    "temperature" only a (= 1 / T). Both correct over- or under-confidence only.
+    """
+    if method == "none":
+        return None
+    u = log_ratio.detach()
+    balance = math.log(float(weight[label == 1].sum()) / float(weight[label == 0].sum()))
     a = torch.ones((), dtype=u.dtype, requires_grad=True)
     b = torch.zeros((), dtype=u.dtype, requires_grad=method == "platt")
     optimiser = torch.optim.LBFGS([a, b] if method == "platt" else [a], lr=0.5, max_iter=100)
 
     def closure() -> Tensor:
         optimiser.zero_grad()
-        loss = _weighted_bce(a * u + b + balance, val.label, val.weight)
+        loss = _weighted_bce(a * u + b + balance, label, weight)
         loss.backward()
         return loss
 
     optimiser.step(closure)
     a, b = a.detach(), b.detach()
     if not (torch.isfinite(a) and torch.isfinite(b)) or float(a) <= 0:
-        return  # a degenerate fit (e.g. an uninformative classifier): keep the uncalibrated ratio
-    model.slope.fill_(float(a))
-    model.bias.fill_(float(b))
+        return None  # e.g. an uninformative classifier
+    return float(a), float(b)
 
 
 def weight_summary(w: Tensor | np.ndarray, *, largest: int = 5) -> dict[str, object]:
