@@ -144,6 +144,24 @@ def test_onnx_matches_pytorch_with_voxel_noise(runs, exports, n):
         assert np.allclose(layers.layer_energies(got), layers.layer_energies(expected), rtol=1e-4, atol=1e-3)
 
 
+# -- the graph's own spline inverse ---------------------------------------------------------------
+@pytest.mark.parametrize("bins, bound", [(8, 5.0), (4, 14.0)])
+def test_graph_spline_inverse_is_the_eager_one(bins, bound):
+    """The traced flows use rqs_inverse_graph (fewer operations): the same map as rqs_inverse,
+    exact in float64, to float32 rounding in float32, identity outside [-bound, bound]."""
+    from caloman.models.flows import rqs_inverse, rqs_inverse_graph
+    generator = torch.Generator().manual_seed(bins)
+    params = torch.randn(4000, 5, 3 * bins - 1, generator=generator, dtype=torch.float64)
+    y = torch.randn(4000, 5, generator=generator, dtype=torch.float64) * bound * 0.6
+    y[:40] = torch.linspace(-2 * bound, 2 * bound, 40)[:, None]  # outside, and on the bounds
+    assert torch.allclose(rqs_inverse_graph(params, y, bound), rqs_inverse(params, y, bound), rtol=1e-12, atol=1e-12)
+    reference = rqs_inverse(params, y, bound)
+    got = rqs_inverse_graph(params.float(), y.float(), bound).double()
+    assert (got - reference).abs().max() < 1e-4 * bound
+    outside = y.abs() > bound
+    assert torch.equal(got[outside], y.float().double()[outside])
+
+
 # -- refined runs --------------------------------------------------------------------------------
 @pytest.mark.parametrize("n", [1, 64])
 def test_refiner_run_exports_one_graph_that_matches_its_pytorch_sampler(refined, tmp_path, n):
