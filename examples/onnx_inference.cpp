@@ -48,6 +48,10 @@ Model read_sidecar(const std::string& onnx_path) {
   const std::string json = read_text(onnx_path.substr(0, onnx_path.rfind('.')) + ".json");
   if (sidecar_number(json, "is_par04") != 0)
     throw std::runtime_error("this example runs the caloman convention; export without --convention par04");
+  const auto weighted = json.find("\"weighted\":");  // absent in sidecars written before weighted exports
+  if (weighted != std::string::npos && std::strtod(json.c_str() + weighted + 11, nullptr) != 0)
+    throw std::runtime_error("this graph also outputs shower weights (a reweighted run), which this example "
+                             "does not write; use examples/onnx_inference.py or export the base run");
   return {static_cast<int64_t>(sidecar_number(json, "n_normal")),
           static_cast<int64_t>(sidecar_number(json, "n_uniform")),
           static_cast<int64_t>(sidecar_number(json, "n_voxels")), sidecar_number(json, "energy_min_mev"),

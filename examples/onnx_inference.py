@@ -6,7 +6,8 @@
 Reads the sidecar ``model.json`` beside the graph (written by ``caloman export``),
 draws the noise it asks for, runs the graph in batches and writes
 ``incident_energies`` (N, 1) and ``showers`` (N, n_voxels), both in MeV, voxels in
-the CaloChallenge (layer, alpha, r) order, for either export convention.
+the CaloChallenge (layer, alpha, r) order, for either export convention; for a
+reweighted run's export (a second output ``weights``) also ``weights`` (N,).
 """
 
 from __future__ import annotations
@@ -66,13 +67,16 @@ def to_calochallenge(meta: dict, output: np.ndarray, energies: np.ndarray) -> np
     return showers
 
 
-def write_calochallenge(path: Path, energies: np.ndarray, showers: np.ndarray) -> None:
-    """Write the two datasets to a temporary file and rename it into place when complete."""
+def write_calochallenge(path: Path, energies: np.ndarray, showers: np.ndarray, weights: np.ndarray | None = None
+                        ) -> None:
+    """Write the datasets to a temporary file and rename it into place when complete."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("incident_energies", data=energies.reshape(-1, 1), compression="gzip")
             f.create_dataset("showers", data=showers, compression="gzip")
+            if weights is not None:
+                f.create_dataset("weights", data=weights.astype(np.float64))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -97,12 +101,15 @@ def main(argv: list[str] | None = None) -> int:
     session = ort.InferenceSession(str(args.model), options, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(args.seed)
     energies = np.full(args.count, args.energy, dtype=np.float32)
-    chunks = []
+    weighted = bool(meta["runtime"].get("weighted", 0))
+    chunks, weights = [], []
     for start in range(0, args.count, args.batch_size):
         batch = energies[start:start + args.batch_size]
-        output = session.run(None, graph_inputs(meta, batch, rng))[0]
-        chunks.append(to_calochallenge(meta, output, batch))
-    write_calochallenge(args.out, energies, np.concatenate(chunks))
+        outputs = session.run(None, graph_inputs(meta, batch, rng))
+        chunks.append(to_calochallenge(meta, outputs[0], batch))
+        if weighted:
+            weights.append(outputs[1])
+    write_calochallenge(args.out, energies, np.concatenate(chunks), np.concatenate(weights) if weighted else None)
     print(f"{args.count} showers of {args.energy:g} MeV ({meta['binning']['name']}, {meta['run']['model_kind']}) "
           f"written to {args.out}")
     return 0

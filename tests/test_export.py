@@ -1,9 +1,11 @@
 """ONNX export: the noise-driven sampler contract, the exported graph against the
-PyTorch sampler, the sidecar, the Par04 convention, CaloFlow's refusal, the
-stand-alone example and the CLI, on tiny trained runs."""
+PyTorch sampler, the sidecar, the Par04 convention, CaloFlow's refusal, refined
+runs (refiner and reweight export, hmc is refused), the stand-alone example and
+the CLI, on tiny trained runs."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import subprocess
@@ -21,6 +23,7 @@ from caloman.export.graph import par04_mesh
 from caloman.export.runtime import OnnxSampler, compare_showers
 from caloman.geometry import load_binning
 from caloman.io import ShowerFile, write_showers
+from caloman.refinement.runs import RefineSettings, refine_run
 from caloman.runs import load_run, train_run
 from caloman.simulation import ladder_energies, simulate_showers
 from caloman.training import TrainingConfig
@@ -69,6 +72,25 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     data = write_showers(root / "train.h5", energies, simulate_showers(BINNING, energies, seed=3), binning=BINNING)
     return {name: _train(data, BINNING, root / name, name).run_dir
             for name in ("caloman", "caloman-smooth", "caloman-mflow", "ambient-flow", "caloflow")}
+
+
+@pytest.fixture(scope="module")
+def refined(runs, tmp_path_factory) -> dict[str, Path]:
+    """The tiny CaloMan run refined by each method, with a few epochs of each network."""
+    root = tmp_path_factory.mktemp("refined")
+    quick = RefineSettings.profile("quick")
+    settings = dataclasses.replace(
+        quick, classifier=dataclasses.replace(quick.classifier, hidden=(16,), epochs=3),
+        latent_classifier=dataclasses.replace(quick.latent_classifier, hidden=(16,), epochs=3),
+        refiner=dataclasses.replace(quick.refiner, hidden=(16,), transforms=2, epochs=2),
+        hmc=dataclasses.replace(quick.hmc, burn_in=3, leapfrog_steps=2), hmc_trial_chains=4,
+        dctr="mlp")  # the MLP's weights are a torch graph; the trees' are refused (test below)
+    data = runs["caloman"].parent / "train.h5"
+    out = {}
+    for method in ("reweight", "refiner", "hmc"):
+        refine_run(runs["caloman"], data, root / method, method=method, settings=settings, command_line=["test"])
+        out[method] = root / method
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +147,87 @@ def test_onnx_matches_pytorch_with_voxel_noise(runs, exports, n):
         assert agreement.voxels_off <= 0.02 * agreement.voxels, agreement
         layers = model._pipeline().layers
         assert np.allclose(layers.layer_energies(got), layers.layer_energies(expected), rtol=1e-4, atol=1e-3)
+
+
+# -- the graph's own spline inverse ---------------------------------------------------------------
+@pytest.mark.parametrize("bins, bound", [(8, 5.0), (4, 14.0)])
+def test_graph_spline_inverse_is_the_eager_one(bins, bound):
+    """The traced flows use rqs_inverse_graph (fewer operations): the same map as rqs_inverse,
+    exact in float64, to float32 rounding in float32, identity outside [-bound, bound]."""
+    from caloman.models.flows import rqs_inverse, rqs_inverse_graph
+    generator = torch.Generator().manual_seed(bins)
+    params = torch.randn(4000, 5, 3 * bins - 1, generator=generator, dtype=torch.float64)
+    y = torch.randn(4000, 5, generator=generator, dtype=torch.float64) * bound * 0.6
+    y[:40] = torch.linspace(-2 * bound, 2 * bound, 40)[:, None]  # outside, and on the bounds
+    assert torch.allclose(rqs_inverse_graph(params, y, bound), rqs_inverse(params, y, bound), rtol=1e-12, atol=1e-12)
+    reference = rqs_inverse(params, y, bound)
+    got = rqs_inverse_graph(params.float(), y.float(), bound).double()
+    assert (got - reference).abs().max() < 1e-4 * bound
+    outside = y.abs() > bound
+    assert torch.equal(got[outside], y.float().double()[outside])
+
+
+# -- refined runs --------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [1, 64])
+def test_refiner_run_exports_one_graph_that_matches_its_pytorch_sampler(refined, tmp_path, n):
+    """Refiner flow then the unchanged base sampler: for the same noise (the refiner's block in
+    place of the latent blocks) the graph gives the refined model's showers."""
+    result = export_onnx(refined["refiner"], tmp_path / "refiner.onnx")
+    model = load_run(refined["refiner"]).model
+    shape = model.noise_shape()
+    assert [b.name for b in shape.blocks][0] == "refiner" and result.sidecar["noise"]["normal"] == shape.normal
+    assert result.sidecar["refinement"]["method"] == "refiner" and result.sidecar["run"]["model_kind"] == "refined"
+    sampler = OnnxSampler(result.onnx_path, shape.normal, shape.uniform)
+    for seed in range(3 if n == 1 else 2):
+        energies, normal, uniform = _noise(model, n, seed)
+        with torch.inference_mode():
+            expected = model.sample_from_noise(energies, normal, uniform).numpy()
+            base = model.base.sample_from_noise(energies, normal, uniform).numpy()  # same layout, no refiner
+        got = sampler.run(energies.numpy(), normal.numpy(), uniform.numpy())
+        agreement = compare_showers(got, expected, model.threshold)
+        assert agreement.max_energy_relative_error < 1e-4, agreement
+        assert agreement.voxels_off <= 0.02 * agreement.voxels, agreement
+        # the refiner changed the latent: the same noise fed to the base alone gives other showers
+        assert not np.allclose(base.sum(1), expected.sum(1), rtol=1e-3)
+
+
+@pytest.mark.parametrize("n", [1, 64])
+def test_reweighted_run_exports_showers_and_their_weights(refined, tmp_path, n):
+    result = export_onnx(refined["reweight"], tmp_path / "reweight.onnx")
+    assert [o["name"] for o in result.sidecar["outputs"]] == ["showers", "weights"]
+    assert result.sidecar["runtime"]["weighted"] == 1 and result.check.max_weight_relative_error < 1e-2
+    model = load_run(refined["reweight"]).model
+    shape = model.noise_shape()
+    session = ort.InferenceSession(str(result.onnx_path), providers=["CPUExecutionProvider"])
+    energies, normal, uniform = _noise(model, n, seed=5)
+    showers, weights = session.run(None, {"normal_noise": normal.numpy(), "uniform_noise": uniform.numpy(),
+                                          "incident_energy": energies.numpy().reshape(-1, 1)})
+    with torch.inference_mode():
+        expected = model.sample_from_noise(energies, normal, uniform if shape.uniform else None)
+        expected_weights = model.shower_weights(energies, torch.as_tensor(showers)).numpy()
+    assert compare_showers(showers, expected.numpy(), model.threshold).max_energy_relative_error < 1e-4
+    assert weights.shape == (n,) and (weights > 0).all()
+    assert np.allclose(weights, expected_weights, rtol=1e-4)  # the classifier on the graph's own showers
+    with pytest.raises(ExportError, match="par04 convention: its showers carry weights"):
+        export_onnx(refined["reweight"], tmp_path / "par04.onnx", convention="par04")
+
+
+def test_python_example_writes_the_weights_of_a_reweighted_export(refined, tmp_path):
+    path = export_onnx(refined["reweight"], tmp_path / "reweight.onnx").onnx_path
+    out = tmp_path / "weighted.h5"
+    subprocess.run([sys.executable, str(EXAMPLE), str(path), "--energy", "65536", "--count", "9", "--batch-size", "4",
+                    "--out", str(out)], check=True, capture_output=True, text=True)
+    with ShowerFile(out, binning=BINNING) as f:
+        weights = f.read_weights()
+    assert weights is not None and weights.shape == (9,) and (weights > 0).all()
+
+
+def test_hmc_run_is_refused_with_the_reason(refined, tmp_path, capsys):
+    with pytest.raises(ExportError, match="Hamiltonian Monte Carlo.*static per-shower graph cannot hold"):
+        export_onnx(refined["hmc"], tmp_path / "hmc.onnx")
+    assert main(["export", str(refined["hmc"]), "--out", str(tmp_path / "hmc.onnx")]) == 2
+    assert "--method refiner" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 # -- the sidecar and the Par04 convention -------------------------------------------------------
@@ -264,3 +367,15 @@ def test_benchmark_times_onnx_runtime_beside_pytorch(runs, tmp_path):
     assert "| ambient-flow (ONNX Runtime) | 1.0000 | 1.0000 |" in text
     assert "intra_op_num_threads = 1, inter_op_num_threads = 1" in text and "| ambient-flow | 0.50 | 0.50 |" in text
     assert "No ONNX Runtime row for caloflow: cannot export" in text
+
+
+def test_reweight_run_with_tree_weights_is_refused(runs, tmp_path):
+    """The boosted-tree DCTR classifier is scikit-learn's tree walker, not a torch graph."""
+    quick = RefineSettings.profile("quick")
+    settings = dataclasses.replace(quick, dctr="trees", trees=dataclasses.replace(quick.trees, max_iter=5))
+    refined = tmp_path / "trees"
+    refine_run(runs["caloman"], runs["caloman"].parent / "train.h5", refined, method="reweight", settings=settings,
+               command_line=["test"])
+    with pytest.raises(ExportError, match="boosted-tree"):
+        export_onnx(refined, tmp_path / "trees.onnx")
+    assert not (tmp_path / "trees.onnx").exists()

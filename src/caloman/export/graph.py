@@ -5,7 +5,9 @@ input/output conventions.
 ``"caloman"``
     inputs ``normal_noise`` (n, N) standard normal, ``uniform_noise`` (n, U) uniform on
     [0, 1) (only for models that need it) and ``incident_energy`` (n, 1) in MeV; output
-    ``showers`` (n, V), voxel energies in MeV in the CaloChallenge (layer, alpha, r) order.
+    ``showers`` (n, V), voxel energies in MeV in the CaloChallenge (layer, alpha, r) order,
+    and for a weighted generator (``ShowerModel.weighted``: a DCTR-reweighted run) a second
+    output ``weights`` (n,), each shower's weight (:meth:`ShowerModel.shower_weights`).
 ``"par04"`` (the Geant4 Par04 example's inference interface)
     input ``input`` (n, N + U + C): the noise followed by the condition vector
     [E_inc / energy_scale, then C - 1 entries Par04 fills with the angle and the
@@ -55,17 +57,22 @@ class CalomanConvention(nn.Module):
         super().__init__()
         self.model = model
         self.has_uniform = model.noise_shape().uniform > 0
+        self.weighted = bool(model.weighted)
 
-    def forward(self, normal_noise: Tensor, *rest: Tensor) -> Tensor:
-        """normal (n, N), [uniform (n, U)], incident energy (n, 1) MeV -> showers (n, V) MeV."""
+    def forward(self, normal_noise: Tensor, *rest: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        """normal (n, N), [uniform (n, U)], incident energy (n, 1) MeV -> showers (n, V) MeV
+        [and, for a weighted generator, weights (n,)]."""
         uniform, incident = rest if self.has_uniform else (None, rest[0])
-        return self.model.sample_from_noise(incident.reshape(-1), normal_noise, uniform)
+        showers = self.model.sample_from_noise(incident.reshape(-1), normal_noise, uniform)
+        if not self.weighted:
+            return showers
+        return showers, self.model.shower_weights(incident.reshape(-1), showers)
 
     def input_names(self) -> list[str]:
         return ["normal_noise", *(["uniform_noise"] if self.has_uniform else []), "incident_energy"]
 
     def output_names(self) -> list[str]:
-        return ["showers"]
+        return ["showers", *(["weights"] if self.weighted else [])]
 
 
 class Par04Convention(nn.Module):

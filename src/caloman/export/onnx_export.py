@@ -48,6 +48,8 @@ OPSET = 17
 CHECK_SHOWERS = 16
 CHECK_MAX_VOXELS_OFF = 0.1
 CHECK_MAX_ENERGY_ERROR = 1e-3
+#: Largest relative difference of a shower weight (reweighted runs); a voxel one quantum off moves a weight a little.
+CHECK_MAX_WEIGHT_ERROR = 1e-2
 #: Par04's condition vector: E_inc / scale, the angle and a two-geometry one-hot (the last three ignored here).
 PAR04_CONDITION_SIZE = 4
 CALOCHALLENGE_ORDER = ("CaloChallenge (layer, alpha, r): for each layer of the binning XML, for each angular bin, "
@@ -94,6 +96,10 @@ def export_onnx(run: str | Path | LoadedRun, out: str | Path, *, convention: str
     refusal = model.export_refusal()
     if refusal is not None:
         raise ExportError(f"cannot export {loaded.run_dir} ({model.kind}): {refusal}")
+    if model.weighted and convention == "par04":
+        raise ExportError(f"cannot export {loaded.run_dir} in the par04 convention: its showers carry weights "
+                          "(a reweighted run) and Par04 reads one output; use --convention caloman, whose graph "
+                          "has a second output `weights`, or export the base run")
     low, high = model.trained_energy_range()
     graph = (CalomanConvention(model) if convention == "caloman"
              else Par04Convention(model, energy_scale_mev=high, condition_size=condition_size))
@@ -155,16 +161,21 @@ def _self_check(graph: nn.Module, path: Path, energies: torch.Tensor, generator:
     ort = require_onnxruntime()
     inputs = _inputs(graph, energies, generator)
     session = ort.InferenceSession(str(path), session_options(1), providers=["CPUExecutionProvider"])
-    got = session.run(None, {name: t.numpy() for name, t in zip(graph.input_names(), inputs)})[0]
+    got = session.run(None, {name: t.numpy() for name, t in zip(graph.input_names(), inputs)})
     with torch.inference_mode():
-        expected = graph(*inputs).numpy()
+        expected = graph(*inputs)
+    expected = [t.numpy() for t in (expected if isinstance(expected, tuple) else (expected,))]
     scale = 1.0 if isinstance(graph, CalomanConvention) else 1.0 / float(energies.max())
-    agreement = compare_showers(got, expected, threshold_mev * scale)
+    agreement = compare_showers(got[0], expected[0], threshold_mev * scale,
+                                *((got[1], expected[1]) if len(expected) > 1 else ()))
+    weights_off = agreement.max_weight_relative_error is not None and (
+        agreement.max_weight_relative_error > CHECK_MAX_WEIGHT_ERROR)
     if (agreement.voxels_off > CHECK_MAX_VOXELS_OFF * agreement.voxels
-            or agreement.max_energy_relative_error > CHECK_MAX_ENERGY_ERROR):
+            or agreement.max_energy_relative_error > CHECK_MAX_ENERGY_ERROR or weights_off):
         raise ExportError(f"the exported graph disagrees with the PyTorch sampler ({agreement.voxels_off} of "
                           f"{agreement.voxels} voxels off, shower energies off by up to "
-                          f"{agreement.max_energy_relative_error:.2g}); nothing was written; please report it")
+                          f"{agreement.max_energy_relative_error:.2g}, weights by up to "
+                          f"{agreement.max_weight_relative_error}); nothing was written; please report it")
     return agreement
 
 
@@ -203,11 +214,13 @@ def build_sidecar(loaded: LoadedRun, graph: nn.Module, convention: str, *, onnx_
         # Flat scalars, so that a reader without a JSON library (examples/onnx_inference.cpp) finds them.
         "runtime": {"n_normal": shape.normal, "n_uniform": shape.uniform, "n_voxels": binning.n_voxels,
                     "energy_min_mev": low, "energy_max_mev": high, "is_par04": int(convention == "par04"),
-                    "input_size": getattr(graph, "input_size", 0)},
+                    "input_size": getattr(graph, "input_size", 0), "weighted": int(model.weighted)},
         "inputs": _input_specs(graph, shape.normal, shape.uniform),
         "outputs": _output_specs(graph, binning.n_voxels),
         "check": check.to_dict(),
     }
+    if loaded.refinement is not None:
+        sidecar["refinement"] = refinement_entry(loaded)
     if isinstance(graph, Par04Convention):
         sidecar["runtime"]["energy_scale_mev"] = graph.energy_scale_mev
         sidecar["par04"] = {
@@ -219,6 +232,18 @@ def build_sidecar(loaded: LoadedRun, graph: nn.Module, convention: str, *, onnx_
             "voxel_order": par04_voxel_order(binning).tolist(),
         }
     return sidecar
+
+
+def refinement_entry(loaded: LoadedRun) -> dict[str, Any]:
+    """What the sidecar says about a refined run: its method, base run and what the graph does."""
+    config = loaded.refinement or {}
+    method = config.get("method")
+    what = {"reweight": "the base run's sampler plus the DCTR classifier: output `weights` holds each shower's "
+                        "weight; every estimate must weight the showers (sum w f / sum w), as caloman evaluate does",
+            "refiner": "the refiner flow maps the `refiner` noise block to the base run's latent, then the "
+                       "unchanged base sampler; showers are unweighted"}.get(method, "")
+    return {"method": method, "graph": what, "base_run": config.get("base_run", {}).get("absolute_path"),
+            "refinement_sha256": config.get("files", {}).get("refinement.safetensors")}
 
 
 def _input_specs(graph: nn.Module, n_normal: int, n_uniform: int) -> list[dict[str, Any]]:
@@ -239,8 +264,11 @@ def _output_specs(graph: nn.Module, n_voxels: int) -> list[dict[str, Any]]:
     if isinstance(graph, Par04Convention):
         return [{"name": "output", "shape": ["batch", n_voxels], "dtype": "float32", "unit": "1 (E / E_inc)",
                  "content": "voxel energies divided by the incident energy", "order": PAR04_ORDER}]
-    return [{"name": "showers", "shape": ["batch", n_voxels], "dtype": "float32", "unit": "MeV",
-             "content": "voxel energies after the readout threshold", "order": CALOCHALLENGE_ORDER}]
+    showers = {"name": "showers", "shape": ["batch", n_voxels], "dtype": "float32", "unit": "MeV",
+               "content": "voxel energies after the readout threshold", "order": CALOCHALLENGE_ORDER}
+    weights = {"name": "weights", "shape": ["batch"], "dtype": "float32", "unit": "1",
+               "content": "the shower's weight (DCTR reweighting); estimates must weight the showers"}
+    return [showers, *([weights] if getattr(graph, "weighted", False) else [])]
 
 
 def _sha256(path: Path) -> str:

@@ -95,6 +95,8 @@ class Agreement:
     max_relative_error: largest |a - b| / |b| over voxels with b above the readout threshold.
     voxels_off: voxels outside rtol 1e-4 / atol 1e-6 MeV; voxels: all compared.
     max_energy_relative_error: largest relative difference of a shower's total energy.
+    max_weight_relative_error: largest relative difference of a shower weight (weighted
+    generators; None otherwise).
     """
 
     showers: int
@@ -102,23 +104,34 @@ class Agreement:
     voxels_off: int
     max_relative_error: float
     max_energy_relative_error: float
+    max_weight_relative_error: float | None = None
 
-    def to_dict(self) -> dict[str, float | int]:
-        return {"showers": self.showers, "voxels": self.voxels, "voxels_off": self.voxels_off,
-                "max_relative_error": self.max_relative_error,
-                "max_energy_relative_error": self.max_energy_relative_error}
+    def to_dict(self) -> dict[str, float | int | None]:
+        out = {"showers": self.showers, "voxels": self.voxels, "voxels_off": self.voxels_off,
+               "max_relative_error": self.max_relative_error,
+               "max_energy_relative_error": self.max_energy_relative_error}
+        if self.max_weight_relative_error is not None:
+            out["max_weight_relative_error"] = self.max_weight_relative_error
+        return out
 
 
-def compare_showers(onnx_showers: np.ndarray, torch_showers: np.ndarray, threshold_mev: float) -> Agreement:
-    """:class:`Agreement` of ``onnx_showers`` with ``torch_showers`` (n, V) in MeV."""
+def compare_showers(onnx_showers: np.ndarray, torch_showers: np.ndarray, threshold_mev: float,
+                    onnx_weights: np.ndarray | None = None, torch_weights: np.ndarray | None = None) -> Agreement:
+    """:class:`Agreement` of ``onnx_showers`` with ``torch_showers`` (n, V) in MeV (and of
+    the weights (n,) of a weighted generator, when given)."""
     a, b = np.asarray(onnx_showers, np.float64), np.asarray(torch_showers, np.float64)
     off = ~np.isclose(a, b, rtol=VOXEL_RTOL, atol=VOXEL_ATOL_MEV)
     lit = np.abs(b) >= max(threshold_mev, VOXEL_ATOL_MEV)
     relative = np.abs(a - b)[lit] / np.abs(b[lit]) if lit.any() else np.zeros(1)
     totals = b.sum(1)
     energy = np.abs(a.sum(1) - totals) / np.maximum(np.abs(totals), VOXEL_ATOL_MEV)
+    weight_error = None
+    if torch_weights is not None:
+        wa, wb = np.asarray(onnx_weights, np.float64), np.asarray(torch_weights, np.float64)
+        weight_error = float((np.abs(wa - wb) / np.maximum(np.abs(wb), 1e-30)).max())
     return Agreement(showers=int(b.shape[0]), voxels=int(b.size), voxels_off=int(off.sum()),
-                     max_relative_error=float(relative.max()), max_energy_relative_error=float(energy.max()))
+                     max_relative_error=float(relative.max()), max_energy_relative_error=float(energy.max()),
+                     max_weight_relative_error=weight_error)
 
 
 __all__ = ["OnnxSampler", "Agreement", "compare_showers", "session_options", "providers", "available_devices",

@@ -195,11 +195,16 @@ class ShowerModel(nn.Module, ABC):
         shape = self.noise_shape()
         latent_cols, rest_cols = self.latent_columns()
         n = len(latent)
-        normal = latent.new_empty(n, shape.normal)
-        normal[:, latent_cols] = latent
+        parts = [latent]
         if rest_cols:
-            normal[:, rest_cols] = (torch.randn(n, len(rest_cols), device=latent.device, dtype=latent.dtype)
-                                    if normal_rest is None else normal_rest.to(latent.dtype))
+            parts.append(torch.randn(n, len(rest_cols), device=latent.device, dtype=latent.dtype)
+                         if normal_rest is None else normal_rest.to(latent.dtype))
+        # One concatenation and (when the latent is not the leading columns) one permutation, with no
+        # batch size fixed in them: traceable for ONNX export (caloman.export) with a dynamic batch.
+        normal = torch.cat(parts, dim=1) if rest_cols else latent
+        source = latent_cols + rest_cols
+        if source != list(range(len(source))):
+            normal = normal.index_select(1, torch.as_tensor(source, device=latent.device).argsort())
         if uniform is None and shape.uniform:
             uniform = torch.rand(n, shape.uniform, device=latent.device, dtype=latent.dtype)
         return self.sample_from_noise(incident_energies, normal, uniform)

@@ -190,11 +190,25 @@ class RefinedModel(ShowerModel):
         if self.method != "reweight":
             return None
         features = shower_features(self.classifier, self.base, incident_energies, showers)
+        if torch.jit.is_tracing():  # one pass with the batch dynamic, not a loop of fixed chunks (ONNX export)
+            return self.ratio.log_weight(features).exp()
         return self.ratio.weight(features.to(self.ratio.slope.device))
 
     def export_refusal(self) -> str | None:
-        return (f"a refined run ({self.method}) adds a classifier, a refiner flow or a sampler that the exported "
-                "graph does not hold; export its base run (the `base_run` entry of its config.json) instead")
+        """reweight and refiner runs export (the graph holds the classifier or the refiner flow
+        beside the base model); hmc runs cannot: see the message."""
+        if self.method == "hmc":
+            return (f"an hmc-refined run draws each shower's latent by Hamiltonian Monte Carlo ({self.hmc.burn_in} "
+                    f"transitions of {self.hmc.leapfrog_steps} leapfrog steps, each needing the gradient of the "
+                    "latent classifier, with momenta and accept decisions from torch's generator), which a static "
+                    "per-shower graph cannot hold; export its base run (the `base_run` entry of its config.json), "
+                    "or refine with --method refiner, whose runs export")
+        if self.method == "reweight" and self.classifier == "trees":
+            return ("a reweight run with the boosted-tree classifier computes its weights with scikit-learn's tree "
+                    "walker, which a torch graph cannot hold; refine with --classifier mlp for an exportable "
+                    "weights output, or export its base run (the `base_run` entry of its config.json) for the "
+                    "unweighted showers")
+        return self.base.export_refusal()
 
     def config_dict(self) -> dict[str, object]:
         return {"method": self.method, "base_kind": self.base.kind, "classifier": self.classifier}
