@@ -102,6 +102,11 @@ class ShowerFile:
         return w
 
     @property
+    def attrs(self) -> dict[str, object]:
+        """The file's HDF5 attributes (generator, seed, shard, ...) as plain Python values."""
+        return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in self._h5.attrs.items()}
+
+    @property
     def n_showers(self) -> int:
         return int(self._showers.shape[0])
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from caloman.generation import generate_to_file, incident_energies_from, parse_energy
 from caloman.runs import load_run
+from caloman.shards import Shard
 
 logger = logging.getLogger("caloman.cli.generate")
 
@@ -16,6 +17,13 @@ def _energy(text: str) -> float:
     try:
         return parse_energy(text)
     except Exception as exc:  # argparse reports ArgumentTypeError as a usage error
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _shard(text: str) -> Shard:
+    try:
+        return Shard.parse(text)
+    except Exception as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
@@ -33,6 +41,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--batch-size", type=int, metavar="B", help="showers per chunk (default: by voxel count)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     parser.add_argument("--out", required=True, type=Path, metavar="OUT.h5", help="output file")
+    parser.add_argument("--shard", type=_shard, metavar="I/N",
+                        help="write only part I (1..N) of N, whole chunks seeded as in the unsharded run; join the "
+                             "parts with `caloman merge`")
     parser.add_argument("--allow-extrapolation", action="store_true",
                         help="generate even for energies outside the model's trained range (with a warning)")
     parser.set_defaults(func=run)
@@ -43,5 +54,5 @@ def run(args: argparse.Namespace) -> int:
     energies = incident_energies_from(reference=args.energies_from, energy=args.energy, count=args.count)
     loaded = load_run(args.run_dir)
     generate_to_file(loaded, args.out, energies, batch_size=args.batch_size, seed=args.seed,
-                     energy_policy="warn" if args.allow_extrapolation else "refuse")
+                     energy_policy="warn" if args.allow_extrapolation else "refuse", shard=args.shard)
     return 0
