@@ -1,4 +1,8 @@
-"""``caloman generate RUN --out OUT.h5``: sample showers from a trained run."""
+"""``caloman generate RUN --out OUT.h5``: sample showers from a trained run.
+
+With ``--shard I/N`` only part I of N is written (``caloman merge`` joins the parts);
+under ``torchrun --nproc-per-node N`` each process writes one part and rank 0 merges
+them into OUT.h5."""
 
 from __future__ import annotations
 
@@ -6,9 +10,10 @@ import argparse
 import logging
 from pathlib import Path
 
+from caloman.distributed import environment_world_size, joined
 from caloman.generation import generate_to_file, incident_energies_from, parse_energy
 from caloman.runs import load_run
-from caloman.shards import Shard
+from caloman.shards import Shard, merge_shards
 
 logger = logging.getLogger("caloman.cli.generate")
 
@@ -53,6 +58,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     energies = incident_energies_from(reference=args.energies_from, energy=args.energy, count=args.count)
     loaded = load_run(args.run_dir)
-    generate_to_file(loaded, args.out, energies, batch_size=args.batch_size, seed=args.seed,
-                     energy_policy="warn" if args.allow_extrapolation else "refuse", shard=args.shard)
+    options = dict(batch_size=args.batch_size, seed=args.seed,
+                   energy_policy="warn" if args.allow_extrapolation else "refuse")
+    if args.shard is not None or environment_world_size() == 1:
+        generate_to_file(loaded, args.out, energies, shard=args.shard, **options)
+        return 0
+    with joined() as distributed:  # under torchrun: one part per rank, rank 0 merges them
+        count = distributed.world_size
+        parts = [args.out.with_name(f".{args.out.name}.part{i}-of-{count}.h5") for i in range(1, count + 1)]
+        try:
+            generate_to_file(loaded, parts[distributed.rank], energies, shard=Shard(distributed.rank + 1, count),
+                             **options)
+            distributed.barrier()
+            if distributed.is_main:
+                merge_shards(parts, args.out)
+            distributed.barrier()
+        finally:
+            parts[distributed.rank].unlink(missing_ok=True)
     return 0
