@@ -97,6 +97,7 @@ def test_two_processes_train_and_generate_a_run_that_loads(tmp_path, monkeypatch
     assert low < np.sort(e)[3] and high > np.sort(e)[-3]
     record = json.loads((run / "checkpoints/latest.json").read_text())
     assert record["world_size"] == 2 and len(record["rank_rng"]) == 2
+    assert loaded.config.world_size == 2
     # generation under two ranks (one part each, merged by rank 0) equals one process's
     assert main([*generate, str(tmp_path / "single.h5")]) == 0
     with ShowerFile(tmp_path / "single.h5") as single, ShowerFile(tmp_path / "by-ranks.h5") as by_ranks:

@@ -113,6 +113,8 @@ class RunConfig:
     created: str = ""
     #: SHA-256 of the finished run's files (empty while training)
     files: dict[str, str] = field(default_factory=dict)
+    #: processes that trained the run data-parallel (torchrun --nproc-per-node); 1: one process
+    world_size: int = 1
 
     @property
     def seed(self) -> int:
@@ -136,6 +138,7 @@ class RunConfig:
             "seed": self.seed,
             "data": dataclasses.asdict(self.data) if self.data is not None else None,
             "command_line": self.command_line,
+            "world_size": self.world_size,
             "files": self.files,
         }
 
@@ -152,7 +155,8 @@ class RunConfig:
                        n_voxels=int(d["binning"]["n_voxels"]), data=data, command_line=d.get("command_line"),
                        caloman_version=d["caloman_version"], torch_version=d["torch_version"],
                        numpy_version=d["numpy_version"], python_version=d.get("python_version", ""),
-                       created=d.get("created", ""), files=dict(d.get("files") or {}))
+                       created=d.get("created", ""), files=dict(d.get("files") or {}),
+                       world_size=int(d.get("world_size", 1)))
         except (KeyError, TypeError, ConfigError) as exc:
             raise RunDirectoryError(f"{source} lacks or has a malformed entry ({exc!r}); {remedy}") from exc
 
@@ -186,13 +190,13 @@ class LoadedRun:
 
 def make_run_config(model: ShowerModel, binning: Binning, training: TrainingConfig, *,
                     data_path: str | Path | None = None, n_showers: int | None = None,
-                    command_line: list[str] | None = None) -> RunConfig:
+                    command_line: list[str] | None = None, world_size: int = 1) -> RunConfig:
     """Describe a run (not yet written). ``command_line`` defaults to ``sys.argv``."""
     return RunConfig(model_kind=model.kind, model_config=model.config_dict(), training=training,
                      binning_name=binning.name, binning_source=binning.source, n_voxels=binning.n_voxels,
                      data=DataSource.of(data_path, n_showers) if data_path is not None else None,
                      command_line=list(sys.argv) if command_line is None else command_line,
-                     created=datetime.now(UTC).isoformat(timespec="seconds"))
+                     created=datetime.now(UTC).isoformat(timespec="seconds"), world_size=world_size)
 
 
 def write_run_config(run_dir: str | Path, run_config: RunConfig) -> Path:
@@ -335,7 +339,8 @@ def train_run(data_file: str | Path, binning: Binning | str | Path, run_dir: str
                                      overrides=model_overrides or None)
     data = load_training_data(data_file, binning, training, distributed)
     run_config = make_run_config(model, binning, training, data_path=data_file, n_showers=data.n_showers,
-                                 command_line=command_line)
+                                 command_line=command_line,
+                                 world_size=distributed.world_size if distributed is not None else 1)
     main = distributed is None or distributed.is_main
     if distributed is not None:
         distributed.barrier()  # every rank has seen that run_dir is new before rank 0 writes into it
