@@ -63,8 +63,7 @@ class Distributed:
         """The stage's loss through DistributedDataParallel: call it with a batch, then
         ``backward()`` leaves the gradient averaged over all ranks in every parameter."""
         device_ids = [self.device.index] if self.device.type == "cuda" else None
-        ddp = nn.parallel.DistributedDataParallel(_StageLoss(module, loss), device_ids=device_ids,
-                                                  broadcast_buffers=False)
+        ddp = nn.parallel.DistributedDataParallel(_StageLoss(module, loss), device_ids=device_ids)
         return lambda batch: ddp(*batch)
 
     def sum(self, *values: float) -> list[float]:

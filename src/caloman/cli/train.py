@@ -111,9 +111,9 @@ def run(args: argparse.Namespace) -> int:
             model_overrides["latent_dim"] = DimensionEstimate.from_json(args.latent_dim_from).recommended()
             logger.info("latent dimension %d from %s", model_overrides["latent_dim"], args.latent_dim_from)
         kind = args.model or DEFAULT_MODEL
-        logger.info("training %s on %s (%s) into %s", kind, args.file, binning_name, out)
         training = file_config.training_config(profile, **cli)
         with joined(training.device) as distributed:
+            logger.info("training %s on %s (%s) into %s", kind, args.file, binning_name, out)
             loaded = train_run(args.file, binning_name, out, model_kind=kind, profile=profile, training=training,
                                model_overrides=model_overrides, model_profile=args.model_profile, builder=build_model,
                                distributed=distributed)
