@@ -204,18 +204,24 @@ def test_cli_train_resume_generate(tmp_path, dummy_models, caplog):
         assert f.n_showers == 40
 
 
-def test_cli_with_the_caloman_model(tmp_path):
-    """The real --model caloman, tiny networks, one epoch per stage: train, then generate."""
-    pytest.importorskip("caloman.models.caloman")
+def write_caloman_toy(tmp_path, *, n, batch_size, extra_training=""):
+    """``train.h5``: n gamma-distributed dataset-1 photon showers, 256 MeV..4 TeV;
+    ``cfg.toml``: tiny CaloMan networks, one epoch. Returns the incident energies (n,)."""
     rng = np.random.default_rng(0)
-    n, n_voxels = 200, 368
     e = np.exp(rng.uniform(np.log(256), np.log(4e6), n))
-    x = rng.gamma(0.3, 1.0, (n, n_voxels)) * (rng.uniform(size=(n, n_voxels)) < 0.4)
+    x = rng.gamma(0.3, 1.0, (n, 368)) * (rng.uniform(size=(n, 368)) < 0.4)
     x = (x * (0.9 * e / np.maximum(x.sum(axis=1), 1e-3))[:, None]).astype(np.float32)
     write_showers(tmp_path / "train.h5", e, x, binning="ds1-photons")
     (tmp_path / "cfg.toml").write_text(
         "[model]\nhidden = [16]\nflow_hidden = [8]\nlayer_flow_hidden = [8]\n"
-        "[training]\nepochs = 1\nbatch_size = 64\nnum_threads = 1\n")
+        f"[training]\nepochs = 1\nbatch_size = {batch_size}\nnum_threads = 1\n{extra_training}")
+    return e
+
+
+def test_cli_with_the_caloman_model(tmp_path):
+    """The real --model caloman, tiny networks, one epoch per stage: train, then generate."""
+    pytest.importorskip("caloman.models.caloman")
+    write_caloman_toy(tmp_path, n=200, batch_size=64)
     run = tmp_path / "run"
     assert main(["-q", "train", str(tmp_path / "train.h5"), "--binning", "ds1-photons", "--model", "caloman",
                  "--out", str(run), "--config", str(tmp_path / "cfg.toml"), "--latent-dim", "3"]) == 0

@@ -408,3 +408,25 @@ def test_history_round_trips_through_json(tmp_path):
     assert again == history
     lines = history.summary_lines()
     assert len(lines) == 2 and lines[0].startswith("voxels: 3 epochs") and "MiB" in lines[0]
+
+
+def test_max_showers_is_a_seeded_random_subset_the_same_from_file_or_arrays(tmp_path):
+    """Files sorted by energy: the first N would be the lowest energies only."""
+    from caloman.io import load_showers, write_showers
+    from caloman.training_data import load_training_data, split_in_memory
+
+    e, x = toy_showers(n=200)
+    order = np.argsort(e)
+    write_showers(tmp_path / "sorted.h5", e[order], x[order])
+    e_file, x_file = load_showers(tmp_path / "sorted.h5")
+    config = small_config(max_showers=50)
+    from_arrays = split_in_memory(e_file, x_file, config)
+    from_file = load_training_data(tmp_path / "sorted.h5", None, config)
+    assert from_arrays.n_showers == from_file.n_showers == 50
+    assert np.array_equal(from_arrays.incident_energies, from_file.incident_energies)
+    assert np.array_equal(from_arrays.showers, from_file.showers)
+    assert from_arrays.fingerprint == from_file.fingerprint
+    assert np.all(np.diff(from_file.incident_energies) > 0)  # file order kept
+    assert from_file.incident_energies.max() > np.median(e)  # not the 50 lowest energies
+    other = split_in_memory(e_file, x_file, small_config(max_showers=50, seed=2))
+    assert not np.array_equal(other.incident_energies, from_arrays.incident_energies)

@@ -44,3 +44,7 @@ class ConfigError(CalomanError):
 
 class ExportError(CalomanError):
     """A trained model cannot be exported as asked (or the export packages are missing)."""
+
+
+class ShardError(ShowerFileError):
+    """Parts of a sharded generation do not form one complete, consistent sample."""

@@ -24,6 +24,7 @@ from caloman.io import ShowerFile, ShowerWriter, default_chunk_size
 from caloman.models.base import ShowerModel
 from caloman.progress import ProgressBar
 from caloman.runs import LoadedRun, load_run
+from caloman.shards import Shard, shard_attrs
 
 logger = logging.getLogger("caloman.generation")
 
@@ -143,14 +144,15 @@ def generate(model: ShowerModel, incident_energies: np.ndarray, *, batch_size: i
     return (showers for showers, _ in _sample_chunks(model, energies, batch_size, seed))
 
 
-def _sample_chunks(model: ShowerModel, energies: np.ndarray, batch_size: int, seed: int
+def _sample_chunks(model: ShowerModel, energies: np.ndarray, batch_size: int, seed: int, first_chunk: int = 0
                    ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
-    """(showers (n, n_voxels) float32, the model's per-shower weights (n,) or None) per chunk."""
+    """(showers (n, n_voxels) float32, the model's per-shower weights (n,) or None) per chunk;
+    chunk k of ``energies`` is seeded as chunk ``first_chunk + k`` of the whole generation."""
     model.eval()
     device = _model_device(model)
     fork_devices = [device] if device.type == "cuda" else []
     n_voxels = None
-    for index, start in enumerate(range(0, len(energies), batch_size)):
+    for index, start in enumerate(range(0, len(energies), batch_size), start=first_chunk):
         chunk = energies[start:start + batch_size]
         chunk_seed = int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
         with torch.random.fork_rng(devices=fork_devices), torch.inference_mode():
@@ -191,10 +193,14 @@ def default_batch_size(n_voxels: int) -> int:
 
 def generate_to_file(run: str | Path | LoadedRun, out_path: str | Path, incident_energies: np.ndarray,
                      batch_size: int | None = None, seed: int = 0, energy_policy: str = "refuse", *,
-                     attrs: dict[str, str | int | float] | None = None) -> Path:
+                     attrs: dict[str, str | int | float] | None = None, shard: Shard | None = None) -> Path:
     """Generate one shower per incident energy (N,) in MeV with a trained run and
     stream them into a CaloChallenge HDF5 file at ``out_path`` (written
-    atomically: it appears only once complete). Returns the path."""
+    atomically: it appears only once complete). Returns the path.
+
+    With ``shard`` only that part of the energies is generated (whole chunks,
+    each seeded as in the unsharded run, see :mod:`caloman.shards`), and the file
+    records its place for :func:`caloman.shards.merge_shards`."""
     loaded = run if isinstance(run, LoadedRun) else load_run(run)
     energies = np.asarray(incident_energies, dtype=np.float64).reshape(-1)
     if len(energies) == 0:
@@ -203,7 +209,13 @@ def generate_to_file(run: str | Path | LoadedRun, out_path: str | Path, incident
     batch_size = batch_size or default_batch_size(n_voxels)
     check_energy_range(loaded.model, energies, energy_policy)  # before anything is written
     file_attrs = {"generator": f"caloman {loaded.config.caloman_version}", "model_kind": loaded.config.model_kind,
-                  "run_dir": str(loaded.run_dir), "seed": seed, "batch_size": batch_size, **(attrs or {})}
+                  "run_dir": str(loaded.run_dir.resolve()), "binning": loaded.binning.name, "seed": seed,
+                  "batch_size": batch_size, **(attrs or {})}
+    first_chunk = 0
+    if shard is not None:
+        first_chunk, start, stop = shard.chunk_range(len(energies), batch_size)
+        file_attrs.update(shard_attrs(shard, energies, start, stop))
+        energies = energies[start:stop]
     if loaded.refinement is not None:
         file_attrs["refinement"] = loaded.refinement["method"]
     weighted = loaded.model.weighted  # then every shower gets a weight (a `weights` dataset)
@@ -211,7 +223,7 @@ def generate_to_file(run: str | Path | LoadedRun, out_path: str | Path, incident
     with ShowerWriter(out_path, n_voxels, binning=loaded.binning, attrs=file_attrs, weights=weighted) as writer, \
             ProgressBar(len(energies), desc="generate", unit="shower") as bar:
         start = 0
-        for showers, weights in _sample_chunks(loaded.model, energies, batch_size, seed):
+        for showers, weights in _sample_chunks(loaded.model, energies, batch_size, seed, first_chunk):
             writer.append(energies[start:start + len(showers)], showers, weights)
             start += len(showers)
             bar.update(len(showers))

@@ -102,6 +102,11 @@ class ShowerFile:
         return w
 
     @property
+    def attrs(self) -> dict[str, object]:
+        """The file's HDF5 attributes (generator, seed, shard, ...) as plain Python values."""
+        return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in self._h5.attrs.items()}
+
+    @property
     def n_showers(self) -> int:
         return int(self._showers.shape[0])
 
@@ -207,20 +212,33 @@ def check_voxel_energies(showers: np.ndarray, *, where: str = "showers", offset:
             f"({_plain(showers[row, col])} MeV in voxel {col})")
 
 
+def subset_rows(n_showers: int, max_showers: int, seed: int) -> np.ndarray:
+    """A uniformly random ``max_showers`` of ``n_showers`` rows, sorted (file order), drawn
+    with ``numpy.random.default_rng(seed)``; all rows when ``max_showers >= n_showers``."""
+    if max_showers >= n_showers:
+        return np.arange(n_showers)
+    return np.sort(np.random.default_rng(seed).choice(n_showers, max_showers, replace=False))
+
+
 def load_showers(path: str | Path, binning: str | Path | Binning | None = None,
-                 max_showers: int | None = None, subset_seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Read a whole file into memory: all of it, its first ``max_showers``, or, with
-    ``subset_seed``, a uniformly random ``max_showers`` of them in file order (read chunk
-    by chunk, so only the subset is held; files sorted by energy need this).
+                 max_showers: int | None = None, subset_seed: int | None = None, *,
+                 rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Read a whole file into memory: all of it, its first ``max_showers``, with
+    ``subset_seed`` a uniformly random ``max_showers`` of them (:func:`subset_rows`), or
+    the given sorted ``rows``; always in file order, read chunk by chunk so only the
+    selected showers are held (files sorted by energy need a random subset).
 
     Returns incident energies (N,) in MeV (float64) and showers (N, n_voxels).
     """
     with ShowerFile(path, binning, check_values=False) as f:
-        if max_showers is not None and subset_seed is not None and max_showers < f.n_showers:
+        if rows is None and max_showers is not None and subset_seed is not None and max_showers < f.n_showers:
+            rows = subset_rows(f.n_showers, max_showers, subset_seed)
+        if rows is not None:
             keep = np.zeros(f.n_showers, dtype=bool)
-            keep[np.random.default_rng(subset_seed).choice(f.n_showers, max_showers, replace=False)] = True
+            keep[rows] = True
+            stop = int(np.max(rows)) + 1 if len(rows) else 0
             chunks, offset = [], 0
-            for energies, showers in f.iter_chunks():
+            for energies, showers in f.iter_chunks(stop=stop):
                 mask = keep[offset:offset + len(energies)]
                 chunks.append((energies[mask], showers[mask]))
                 offset += len(energies)

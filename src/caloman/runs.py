@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -47,6 +47,9 @@ from caloman.training import (
     sha256_file,
     write_json,
 )
+
+if TYPE_CHECKING:
+    from caloman.distributed import Distributed
 
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
@@ -110,6 +113,8 @@ class RunConfig:
     created: str = ""
     #: SHA-256 of the finished run's files (empty while training)
     files: dict[str, str] = field(default_factory=dict)
+    #: processes that trained the run data-parallel (torchrun --nproc-per-node); 1: one process
+    world_size: int = 1
 
     @property
     def seed(self) -> int:
@@ -133,6 +138,7 @@ class RunConfig:
             "seed": self.seed,
             "data": dataclasses.asdict(self.data) if self.data is not None else None,
             "command_line": self.command_line,
+            "world_size": self.world_size,
             "files": self.files,
         }
 
@@ -149,7 +155,8 @@ class RunConfig:
                        n_voxels=int(d["binning"]["n_voxels"]), data=data, command_line=d.get("command_line"),
                        caloman_version=d["caloman_version"], torch_version=d["torch_version"],
                        numpy_version=d["numpy_version"], python_version=d.get("python_version", ""),
-                       created=d.get("created", ""), files=dict(d.get("files") or {}))
+                       created=d.get("created", ""), files=dict(d.get("files") or {}),
+                       world_size=int(d.get("world_size", 1)))
         except (KeyError, TypeError, ConfigError) as exc:
             raise RunDirectoryError(f"{source} lacks or has a malformed entry ({exc!r}); {remedy}") from exc
 
@@ -183,13 +190,13 @@ class LoadedRun:
 
 def make_run_config(model: ShowerModel, binning: Binning, training: TrainingConfig, *,
                     data_path: str | Path | None = None, n_showers: int | None = None,
-                    command_line: list[str] | None = None) -> RunConfig:
+                    command_line: list[str] | None = None, world_size: int = 1) -> RunConfig:
     """Describe a run (not yet written). ``command_line`` defaults to ``sys.argv``."""
     return RunConfig(model_kind=model.kind, model_config=model.config_dict(), training=training,
                      binning_name=binning.name, binning_source=binning.source, n_voxels=binning.n_voxels,
                      data=DataSource.of(data_path, n_showers) if data_path is not None else None,
                      command_line=list(sys.argv) if command_line is None else command_line,
-                     created=datetime.now(UTC).isoformat(timespec="seconds"))
+                     created=datetime.now(UTC).isoformat(timespec="seconds"), world_size=world_size)
 
 
 def write_run_config(run_dir: str | Path, run_config: RunConfig) -> Path:
@@ -303,7 +310,8 @@ def train_run(data_file: str | Path, binning: Binning | str | Path, run_dir: str
               model_kind: str = "caloman", profile: str = "quick", training: TrainingConfig | None = None,
               model_overrides: dict[str, Any] | None = None, model_profile: str | None = None,
               command_line: list[str] | None = None,
-              builder: Callable[..., ShowerModel] | None = None) -> LoadedRun:
+              builder: Callable[..., ShowerModel] | None = None,
+              distributed: Distributed | None = None) -> LoadedRun:
     """Train a new model on a CaloChallenge file into ``run_dir`` and return it loaded.
 
     The one place a fresh run is built, trained and saved (used by ``caloman
@@ -312,10 +320,13 @@ def train_run(data_file: str | Path, binning: Binning | str | Path, run_dir: str
     The model is the kind's ``model_profile`` configuration (default: ``profile``, e.g. a
     full training of CaloFlow's ``paper``-sized networks) with ``model_overrides``.
     ``builder`` replaces :func:`caloman.models.build_model` (same signature).
+    With ``max_showers`` a seeded random subset is used. ``distributed``: this
+    process is one rank of a data-parallel run (:mod:`caloman.distributed`); every
+    rank reads its own share of the file and rank 0 writes the run directory.
     """
-    from caloman.io import load_showers
     from caloman.models import build_model
-    from caloman.training import seed_everything, train_model
+    from caloman.training import seed_everything, train_split
+    from caloman.training_data import load_training_data
 
     run_dir = Path(run_dir)
     if (run_dir / CONFIG_FILE).exists() or (run_dir / CHECKPOINT_DIR).exists():
@@ -326,10 +337,18 @@ def train_run(data_file: str | Path, binning: Binning | str | Path, run_dir: str
     seed_everything(training.seed)  # initial weights follow the seed too
     model = (builder or build_model)(model_kind, binning, profile=model_profile or profile,
                                      overrides=model_overrides or None)
-    incident_energies, showers = load_showers(data_file, binning, max_showers=training.max_showers)
-    run_config = make_run_config(model, binning, training, data_path=data_file, n_showers=len(incident_energies),
-                                 command_line=command_line)
-    write_run_config(run_dir, run_config)
-    history = train_model(model, incident_energies, showers, training, run_dir)
-    save_run(run_dir, model, binning, training, history, run_config=run_config)
+    data = load_training_data(data_file, binning, training, distributed)
+    run_config = make_run_config(model, binning, training, data_path=data_file, n_showers=data.n_showers,
+                                 command_line=command_line,
+                                 world_size=distributed.world_size if distributed is not None else 1)
+    main = distributed is None or distributed.is_main
+    if distributed is not None:
+        distributed.barrier()  # every rank has seen that run_dir is new before rank 0 writes into it
+    if main:
+        write_run_config(run_dir, run_config)
+    history = train_split(model, data, training, run_dir, distributed=distributed)
+    if main:
+        save_run(run_dir, model, binning, training, history, run_config=run_config)
+    if distributed is not None:
+        distributed.barrier()  # the run directory is complete before any rank reads it
     return LoadedRun(model=model, binning=binning, config=read_run_config(run_dir), history=history, run_dir=run_dir)

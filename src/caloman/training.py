@@ -39,10 +39,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from caloman.distributed import Distributed
 from caloman.errors import ConfigError, RunDirectoryError, TrainingDivergedError
 from caloman.io import atomic_path
 from caloman.models.base import ShowerModel, Stage
 from caloman.progress import ProgressBar
+from caloman.training_data import SplitData, data_fingerprint, split_in_memory, split_indices
+
+__all__ = ["TrainingConfig", "TrainingHistory", "StageHistory", "EpochRecord", "train_model", "train_split",
+           "seed_everything", "learning_rate_at", "split_indices", "data_fingerprint"]
 
 logger = logging.getLogger("caloman.training")
 
@@ -88,7 +93,7 @@ class TrainingConfig:
     grad_clip_norm: float = 5.0
     validation_fraction: float = 0.2
     seed: int = 0
-    #: use only the first max_showers showers of the file (None: all)
+    #: train on a random max_showers showers of the file, drawn with the seed (None: all)
     max_showers: int | None = None
     #: torch CPU threads during training (None: torch's default)
     num_threads: int | None = None
@@ -341,31 +346,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def split_indices(n_showers: int, validation_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded train/validation split of ``n_showers`` rows.
-
-    Returns sorted (train, validation) index arrays; the validation set has
-    ``round(validation_fraction * n)`` rows, at least one, and so does training.
-    """
-    if n_showers < 2:
-        raise ConfigError(f"need at least 2 showers to split into training and validation, got {n_showers}")
-    n_val = min(n_showers - 1, max(1, round(validation_fraction * n_showers)))
-    perm = np.random.default_rng(seed).permutation(n_showers)
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
-
-
-def data_fingerprint(incident_energies: np.ndarray, showers: np.ndarray) -> str:
-    """SHA-256 of the incident energies, the shower array's shape and up to
-    1024 evenly spaced showers: cheap, and enough to notice a different file
-    or a different ``max_showers`` on resume."""
-    h = hashlib.sha256()
-    h.update(np.ascontiguousarray(incident_energies, dtype=np.float64).tobytes())
-    h.update(repr(tuple(showers.shape)).encode())
-    rows = np.unique(np.linspace(0, max(0, len(showers) - 1), min(1024, len(showers))).astype(np.int64))
-    h.update(np.ascontiguousarray(showers[rows], dtype=np.float32).tobytes())
-    return h.hexdigest()
-
-
 def _rng_state(device: torch.device) -> dict[str, Any]:
     np_state = np.random.get_state()  # noqa: NPY002 (see seed_everything)
     py_state = random.getstate()
@@ -526,8 +506,9 @@ def train_model(model: ShowerModel, incident_energies: np.ndarray, showers: np.n
                 ) -> TrainingHistory:
     """Train every stage of ``model`` in place; checkpoints go to ``run_dir/checkpoints``.
 
-    ``incident_energies`` (N,) and ``showers`` (N, n_voxels) are in MeV; only
-    the first ``config.max_showers`` are used. The split into training and
+    ``incident_energies`` (N,) and ``showers`` (N, n_voxels) are in MeV; with
+    ``config.max_showers`` a random subset of that many, drawn with ``config.seed``,
+    is used (:func:`caloman.training_data.split_in_memory`). The split into training and
     validation showers is seeded by ``config.seed``; ``model.fit_preprocessing``
     sees only the training showers. Global RNGs are seeded from ``config.seed``
     at the start (the model's initial weights are the caller's: call
@@ -547,6 +528,44 @@ def train_model(model: ShowerModel, incident_energies: np.ndarray, showers: np.n
     (the last good checkpoint is kept), :class:`RunDirectoryError` when
     ``resume`` finds no usable checkpoint or a fresh run would overwrite one.
     """
+    return train_split(model, split_in_memory(incident_energies, showers, config), config, run_dir, resume=resume,
+                       on_epoch_end=on_epoch_end)
+
+
+@dataclass
+class _Session:
+    """What every step of one training run shares."""
+
+    model: ShowerModel
+    data: SplitData
+    config: TrainingConfig
+    run_dir: Path
+    device: torch.device
+    checkpointer: _Checkpointer
+    history: TrainingHistory
+    progress: _Progress
+    info: dict[str, Any]
+    distributed: Distributed | None
+    on_epoch_end: EpochCallback | None
+
+    @property
+    def rank(self) -> int:
+        return self.distributed.rank if self.distributed is not None else 0
+
+
+def train_split(model: ShowerModel, data: SplitData, config: TrainingConfig, run_dir: str | Path, *,
+                resume: bool = False, on_epoch_end: EpochCallback | None = None,
+                distributed: Distributed | None = None) -> TrainingHistory:
+    """:func:`train_model` on showers already chosen and split
+    (:func:`caloman.training_data.load_training_data`).
+
+    With ``distributed`` this process is one rank of a data-parallel run and
+    ``data`` its own share: the preprocessing is fitted on rank 0's share and
+    broadcast (the trained energy range spans all ranks), each stage trains a
+    DistributedDataParallel copy of its module (the global batch is
+    ``world_size * batch_size``), losses are averaged over all ranks, and rank 0
+    alone writes checkpoints, which hold every rank's RNG states.
+    """
     run_dir = Path(run_dir)
     checkpointer = _Checkpointer(run_dir)
     if resume and not checkpointer.exists():
@@ -555,54 +574,62 @@ def train_model(model: ShowerModel, incident_energies: np.ndarray, showers: np.n
     if not resume and checkpointer.exists():
         raise RunDirectoryError(f"{run_dir} already holds a training checkpoint; pass --resume (resume=True) to "
                                 "continue it, or choose a new run directory")
-    incident_energies = np.asarray(incident_energies, dtype=np.float64).reshape(-1)
-    if config.max_showers is not None:
-        incident_energies, showers = incident_energies[:config.max_showers], showers[:config.max_showers]
-    if len(incident_energies) != len(showers):
-        raise ConfigError(f"{len(incident_energies)} incident energies for {len(showers)} showers")
-    device = resolve_device(config.device)
-    fingerprint = data_fingerprint(incident_energies, showers)
-    train_idx, val_idx = split_indices(len(showers), config.validation_fraction, config.seed)
-
+    device = distributed.device if distributed is not None else resolve_device(config.device)
+    rank = distributed.rank if distributed is not None else 0
     with _torch_threads(config.num_threads):
         model.to(device)
         if not resume:
             # a stream of its own: the caller seeded the initial weights with config.seed itself
-            seed_everything(int(np.random.SeedSequence([config.seed, 1]).generate_state(1)[0]))
+            seed_everything(_stream_seed(config.seed, rank))
         t0 = time.perf_counter()
         # also when resuming (the checkpoint's weights then overwrite the fitted buffers), in case a
         # model keeps anything outside its state_dict
-        model.fit_preprocessing(incident_energies[train_idx], showers[train_idx])
+        model.fit_preprocessing(data.incident_energies[data.train_idx], data.showers[data.train_idx])
+        n_train, n_val = len(data.train_idx), len(data.val_idx)
+        if distributed is not None:  # one model: rank 0's constants, the whole run's energy range
+            distributed.broadcast_state(model)
+            distributed.reduce_range(model.energy_range)
+            n_train, n_val = (int(n) for n in distributed.sum(n_train, n_val))
         stages = model.stages()
         names = [s.name for s in stages]
         if len(set(names)) != len(names):
             raise ConfigError(f"stage names must be unique, got {names}")
-        history = TrainingHistory(stages=[StageHistory(name=n) for n in names], n_train=len(train_idx),
-                                  n_validation=len(val_idx), preprocessing_seconds=time.perf_counter() - t0)
-        progress = _Progress()
-        info = {"training": config.to_dict(), "stages": names, "data_fingerprint": fingerprint,
+        history = TrainingHistory(stages=[StageHistory(name=n) for n in names], n_train=n_train,
+                                  n_validation=n_val, preprocessing_seconds=time.perf_counter() - t0)
+        info = {"training": config.to_dict(), "stages": names, "data_fingerprint": data.fingerprint,
                 "split": {"seed": config.seed, "validation_fraction": config.validation_fraction,
-                          "n_showers": len(showers), "n_validation": len(val_idx)}}
+                          "n_showers": data.n_showers, "n_validation": n_val},
+                "world_size": distributed.world_size if distributed is not None else 1}
+        session = _Session(model, data, config, run_dir, device, checkpointer, history, _Progress(), info,
+                           distributed, on_epoch_end)
         stage_start_rng = _rng_state(device)
         checkpoint = None
         if resume:
             checkpoint = _restore(checkpointer, model, config, info, device)
-            progress = _Progress(**{k: checkpoint["record"][k] for k in dataclasses.asdict(progress)})
-            history = TrainingHistory.from_dict(checkpoint["record"]["history"])
-            stage_start_rng = checkpoint["record"]["stage_start_rng"]
+            session.progress = _Progress(**{k: checkpoint["record"][k] for k in dataclasses.asdict(session.progress)})
+            session.history = TrainingHistory.from_dict(checkpoint["record"]["history"])
+            stage_start_rng = _rank_entry(checkpoint["record"], "stage_start_rng", rank)
             logger.info("resuming %s at stage '%s', epoch %d", run_dir,
-                        names[progress.stage_index] if progress.stage_index < len(names) else "(done)",
-                        progress.next_epoch + 1)
-
-        inputs = (incident_energies, showers, train_idx, val_idx)
-        while progress.stage_index < len(stages):
-            stage = stages[progress.stage_index]
-            _train_stage(model, stage, inputs, config, device, progress, history.stage(stage.name), history,
-                         checkpointer, checkpoint, stage_start_rng, info, on_epoch_end, run_dir)
+                        names[session.progress.stage_index] if session.progress.stage_index < len(names) else "(done)",
+                        session.progress.next_epoch + 1)
+        while session.progress.stage_index < len(stages):
+            _train_stage(session, stages[session.progress.stage_index], checkpoint, stage_start_rng)
             checkpoint = None
             stage_start_rng = _rng_state(device)
     model.eval()
-    return history
+    return session.history
+
+
+def _stream_seed(seed: int, rank: int) -> int:
+    """The training RNG seed of a rank (rank 0, and a single process, keep the historical stream)."""
+    key = [seed, 1] if rank == 0 else [seed, 1, rank]
+    return int(np.random.SeedSequence(key).generate_state(1)[0])
+
+
+def _rank_entry(record: dict[str, Any], key: str, rank: int) -> Any:
+    """A checkpoint's RNG state ``key`` for ``rank`` (distributed checkpoints keep one per rank)."""
+    per_rank = record.get(f"rank_{key}")
+    return per_rank[rank] if per_rank is not None else record[key]
 
 
 def _restore(checkpointer: _Checkpointer, model: ShowerModel, config: TrainingConfig, info: dict[str, Any],
@@ -615,6 +642,10 @@ def _restore(checkpointer: _Checkpointer, model: ShowerModel, config: TrainingCo
         diffs = ", ".join(f"{k} {stored.get(k)!r} -> {info['training'].get(k)!r}" for k in changed)
         raise ConfigError(f"{checkpointer.record}: cannot resume with different training settings ({diffs}); "
                           "resume with the run's own settings or start a new run")
+    if record.get("world_size", 1) != info["world_size"]:
+        raise ConfigError(f"{checkpointer.record}: the run was trained by {record.get('world_size', 1)} process(es), "
+                          f"not {info['world_size']}; resume with `torchrun --nproc-per-node "
+                          f"{record.get('world_size', 1)}` (1: plain `caloman train`)")
     if record.get("stages") != info["stages"]:
         raise RunDirectoryError(f"{checkpointer.record}: checkpoint has stages {record.get('stages')}, the model has "
                                 f"{info['stages']}; resume with the model the run was started with")
@@ -648,119 +679,172 @@ def _check_stage_data(stage: Stage, data: tuple[Tensor, ...], n: int) -> None:
                           f"dimension is the number of showers ({n}); got {shapes}")
 
 
-def _train_stage(model: ShowerModel, stage: Stage, inputs: tuple[np.ndarray, ...], config: TrainingConfig,
-                 device: torch.device, progress: _Progress, stage_history: StageHistory,
-                 history: TrainingHistory, checkpointer: _Checkpointer, checkpoint: dict[str, Any] | None,
-                 stage_start_rng: dict[str, Any], info: dict[str, Any], on_epoch_end: EpochCallback | None,
-                 run_dir: Path) -> None:
-    incident_energies, showers, train_idx, val_idx = inputs
+def _train_stage(session: _Session, stage: Stage, checkpoint: dict[str, Any] | None,
+                 stage_start_rng: dict[str, Any]) -> None:
+    """Build the stage's data, train its module epoch by epoch, keep its best epoch."""
     t_stage = time.perf_counter()
-    # make_data may draw random numbers: give it the stage's starting RNG state, also when resuming
-    _set_rng_state(stage_start_rng, device)
-    model.eval()
-    with torch.no_grad():
-        data = {}
-        for split, idx in (("train", train_idx), ("val", val_idx)):
-            e = torch.as_tensor(incident_energies[idx], dtype=torch.float32, device=device)
-            x = torch.as_tensor(np.asarray(showers[idx]), dtype=torch.float32, device=device)
-            data[split] = stage.make_data(e, x)
-            _check_stage_data(stage, data[split], len(idx))
-    params = [p for p in stage.module.parameters()]
+    data = _stage_data(session, stage, stage_start_rng)
+    params = list(stage.module.parameters())
     own = {id(p) for p in params}
-    frozen = [p for p in model.parameters() if id(p) not in own and p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate_for(stage.name),
-                                  weight_decay=config.weight_decay)
+    frozen = [p for p in session.model.parameters() if id(p) not in own and p.requires_grad]
+    optimizer, best = _stage_optimizer(session, stage, params, checkpoint)
+    n_epochs = session.config.epochs_for(stage.name)
+    progress, patience = session.progress, session.config.patience
+    for p in frozen:  # only this stage's module learns; earlier stages stay as trained
+        p.requires_grad_(False)
+    try:
+        loss_fn = stage.loss if session.distributed is None else session.distributed.wrap(stage.module, stage.loss)
+        while progress.next_epoch < n_epochs and not (patience and progress.epochs_since_best >= patience):
+            t_stage, best = _epoch(session, stage, data, optimizer, params, loss_fn, best, stage_start_rng, t_stage)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    _finish_stage(session, stage, best, n_epochs, t_stage)
+
+
+def _stage_data(session: _Session, stage: Stage, stage_start_rng: dict[str, Any]) -> dict[str, tuple[Tensor, ...]]:
+    """The stage's training and validation tensors, built from the stage's starting RNG state
+    (make_data may draw random numbers; also when resuming)."""
+    _set_rng_state(stage_start_rng, session.device)
+    session.model.eval()
+    with torch.no_grad():
+        data = {"train": _make_split_data(session, stage, session.data.train_idx)}
+        if session.distributed is not None and session.distributed.broadcast_buffers(session.model):
+            # make_data fitted constants on this rank's share: take rank 0's and build again with them
+            data["train"] = _make_split_data(session, stage, session.data.train_idx)
+        data["val"] = _make_split_data(session, stage, session.data.val_idx)
+    return data
+
+
+def _make_split_data(session: _Session, stage: Stage, idx: np.ndarray) -> tuple[Tensor, ...]:
+    e = torch.as_tensor(session.data.incident_energies[idx], dtype=torch.float32, device=session.device)
+    x = torch.as_tensor(np.asarray(session.data.showers[idx]), dtype=torch.float32, device=session.device)
+    data = stage.make_data(e, x)
+    _check_stage_data(stage, data, len(idx))
+    return data
+
+
+def _stage_optimizer(session: _Session, stage: Stage, params: list[torch.nn.Parameter],
+                     checkpoint: dict[str, Any] | None) -> tuple[torch.optim.Optimizer, dict[str, Tensor] | None]:
+    """AdamW for the stage and the best weights so far; from the checkpoint when resuming."""
+    optimizer = torch.optim.AdamW(params, lr=session.config.learning_rate_for(stage.name),
+                                  weight_decay=session.config.weight_decay)
     best: dict[str, Tensor] | None = None
     if checkpoint is not None:
         record = checkpoint["record"]
         if record["optimizer"] is not None:
             optimizer.load_state_dict(_join_optimizer_state(checkpoint["tensors"], record["optimizer"]))
         if checkpoint["best"] is not None:
-            best = {k[len("model/"):]: v.to(device) for k, v in checkpoint["best"].items()}
-        if progress.next_epoch > 0:  # mid-stage: continue the random stream where the last epoch left it
-            _set_rng_state(record["rng"], device)
+            best = {k[len("model/"):]: v.to(session.device) for k, v in checkpoint["best"].items()}
+        if session.progress.next_epoch > 0:  # mid-stage: continue the random stream where the last epoch left it
+            _set_rng_state(_rank_entry(record, "rng", session.rank), session.device)
+    return optimizer, best
 
+
+def _epoch(session: _Session, stage: Stage, data: dict[str, tuple[Tensor, ...]], optimizer: torch.optim.Optimizer,
+           params: list[torch.nn.Parameter], loss_fn: Callable[[tuple[Tensor, ...]], Tensor],
+           best: dict[str, Tensor] | None, stage_start_rng: dict[str, Any], t_stage: float
+           ) -> tuple[float, dict[str, Tensor] | None]:
+    """One epoch: train, validate, record, checkpoint. Returns (new stage clock, best weights)."""
+    config, progress = session.config, session.progress
+    stage_history = session.history.stage(stage.name)
     n_epochs = config.epochs_for(stage.name)
-    n_train = len(train_idx)
-    n_batches = math.ceil(n_train / config.batch_size)
-    for p in frozen:  # only this stage's module learns; earlier stages stay as trained
-        p.requires_grad_(False)
-    try:
-        while progress.next_epoch < n_epochs and not (
-                config.patience and progress.epochs_since_best >= config.patience):
-            epoch = progress.next_epoch
-            t_epoch = time.perf_counter()
-            lr = learning_rate_at(config, stage.name, epoch, [r.val_loss for r in stage_history.epochs])
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            order = torch.as_tensor(np.random.default_rng([config.seed, progress.stage_index, epoch])
-                                    .permutation(n_train), device=data["train"][0].device)
-            _begin_epoch(stage, epoch)
-            stage.module.train()
-            total, seen = 0.0, 0
-            label = f"{stage.name} {epoch + 1}/{n_epochs}"
-            with ProgressBar(n_batches, desc=label, unit="batch") as bar:
-                for b, batch in enumerate(_batches(data["train"], order, config.batch_size)):
-                    optimizer.zero_grad(set_to_none=True)
-                    loss = stage.loss(batch)
-                    if not torch.isfinite(loss):
-                        _diverged(stage.name, epoch, n_epochs, f"loss is {loss.item()} at batch {b + 1}/{n_batches}",
-                                  lr, progress, run_dir)
-                    loss.backward()
-                    if config.grad_clip_norm:
-                        norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip_norm)
-                        if not torch.isfinite(norm):
-                            _diverged(stage.name, epoch, n_epochs,
-                                      f"gradient norm is {norm.item()} at batch {b + 1}/{n_batches}", lr, progress,
-                                      run_dir)
-                    optimizer.step()
-                    n = len(batch[0])
-                    total += loss.item() * n
-                    seen += n
-                    bar.update()
-                    bar.set_postfix(loss=f"{total / seen:.4g}")
-            train_loss = total / seen
-            val_loss = _evaluate(stage, data["val"], config.batch_size)
-            if not math.isfinite(val_loss):
-                _diverged(stage.name, epoch, n_epochs, f"validation loss is {val_loss}", lr, progress, run_dir)
-            record_ = EpochRecord(epoch=epoch + 1, train_loss=train_loss, val_loss=val_loss, learning_rate=lr,
-                                  seconds=time.perf_counter() - t_epoch)
-            stage_history.epochs.append(record_)
-            improved = progress.best_val_loss is None or val_loss < progress.best_val_loss
-            if improved:
-                progress.best_val_loss, progress.best_epoch, progress.epochs_since_best = val_loss, epoch + 1, 0
-                best = model_state(model)
-            else:
-                progress.epochs_since_best += 1
-            progress.next_epoch += 1
-            stage_history.best_epoch, stage_history.best_val_loss = progress.best_epoch, progress.best_val_loss
-            now = time.perf_counter()
-            stage_history.seconds += now - t_stage
-            t_stage = now
-            logger.info("%s epoch %d/%d: train loss %.5g, val loss %.5g, lr %.3g, %.1f s", stage.name, epoch + 1,
-                        n_epochs, train_loss, val_loss, lr, record_.seconds)
-            checkpointer.write(progress, model, optimizer, best, improved,
-                               {**info, "rng": _rng_state(device), "stage_start_rng": stage_start_rng,
-                                "history": history.to_dict()})
-            if on_epoch_end is not None:
-                on_epoch_end(stage.name, record_)
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
+    epoch = progress.next_epoch
+    t_epoch = time.perf_counter()
+    lr = learning_rate_at(config, stage.name, epoch, [r.val_loss for r in stage_history.epochs])
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    key = [config.seed, progress.stage_index, epoch] + ([session.rank] if session.rank else [])
+    n_train = len(data["train"][0])
+    order = torch.as_tensor(np.random.default_rng(key).permutation(n_train), device=data["train"][0].device)
+    train_loss = _train_batches(session, stage, data["train"], order, optimizer, params, loss_fn, lr)
+    val_loss = _evaluate(stage, data["val"], config.batch_size, session.distributed)
+    if not math.isfinite(val_loss):
+        _diverged(stage.name, epoch, n_epochs, f"validation loss is {val_loss}", lr, progress, session.run_dir)
+    record = EpochRecord(epoch=epoch + 1, train_loss=train_loss, val_loss=val_loss, learning_rate=lr,
+                         seconds=time.perf_counter() - t_epoch)
+    stage_history.epochs.append(record)
+    improved = progress.best_val_loss is None or val_loss < progress.best_val_loss
+    if improved:
+        progress.best_val_loss, progress.best_epoch, progress.epochs_since_best = val_loss, epoch + 1, 0
+        best = model_state(session.model)
+    else:
+        progress.epochs_since_best += 1
+    progress.next_epoch += 1
+    stage_history.best_epoch, stage_history.best_val_loss = progress.best_epoch, progress.best_val_loss
+    now = time.perf_counter()
+    stage_history.seconds += now - t_stage
+    logger.info("%s epoch %d/%d: train loss %.5g, val loss %.5g, lr %.3g, %.1f s", stage.name, epoch + 1,
+                n_epochs, train_loss, val_loss, lr, record.seconds)
+    _checkpoint(session, optimizer, best, improved, stage_start_rng)
+    if session.on_epoch_end is not None:
+        session.on_epoch_end(stage.name, record)
+    return now, best
 
-    # end of stage: keep the best epoch's weights, mark the stage done, checkpoint
+
+def _train_batches(session: _Session, stage: Stage, tensors: tuple[Tensor, ...], order: Tensor,
+                   optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
+                   loss_fn: Callable[[tuple[Tensor, ...]], Tensor], lr: float) -> float:
+    """One pass over the training tensors in ``order``; the mean training loss (over all ranks)."""
+    config, progress = session.config, session.progress
+    epoch, n_epochs = progress.next_epoch, config.epochs_for(stage.name)
+    n_batches = math.ceil(len(order) / config.batch_size)
+    _begin_epoch(stage, epoch)
+    stage.module.train()
+    total, seen = 0.0, 0
+    with ProgressBar(n_batches, desc=f"{stage.name} {epoch + 1}/{n_epochs}", unit="batch") as bar:
+        for b, batch in enumerate(_batches(tensors, order, config.batch_size)):
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(batch)
+            if not torch.isfinite(loss):
+                _diverged(stage.name, epoch, n_epochs, f"loss is {loss.item()} at batch {b + 1}/{n_batches}",
+                          lr, progress, session.run_dir)
+            loss.backward()
+            if config.grad_clip_norm:
+                norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip_norm)
+                if not torch.isfinite(norm):
+                    _diverged(stage.name, epoch, n_epochs, f"gradient norm is {norm.item()} at batch "
+                              f"{b + 1}/{n_batches}", lr, progress, session.run_dir)
+            optimizer.step()
+            n = len(batch[0])
+            total += loss.item() * n
+            seen += n
+            bar.update()
+            bar.set_postfix(loss=f"{total / seen:.4g}")
+    if session.distributed is not None:
+        total, seen = session.distributed.sum(total, seen)
+    return total / seen
+
+
+def _checkpoint(session: _Session, optimizer: torch.optim.Optimizer | None, best: dict[str, Tensor] | None,
+                improved: bool, stage_start_rng: dict[str, Any] | None) -> None:
+    """Write the checkpoint (rank 0 only; every rank's RNG states gathered into it).
+    ``stage_start_rng`` None: the stage has ended, the next one starts from the current state."""
+    rng = _rng_state(session.device)
+    states = {"rng": rng, "stage_start_rng": rng if stage_start_rng is None else stage_start_rng}
+    if session.distributed is not None:
+        states["rank_rng"] = session.distributed.gather(states["rng"])
+        states["rank_stage_start_rng"] = session.distributed.gather(states["stage_start_rng"])
+    if session.distributed is None or session.distributed.is_main:
+        session.checkpointer.write(session.progress, session.model, optimizer, best, improved,
+                                   {**session.info, **states, "history": session.history.to_dict()})
+
+
+def _finish_stage(session: _Session, stage: Stage, best: dict[str, Tensor] | None, n_epochs: int,
+                  t_stage: float) -> None:
+    """End of stage: keep the best epoch's weights, mark the stage done, checkpoint."""
+    progress = session.progress
+    stage_history = session.history.stage(stage.name)
     stage_history.stopped_early = progress.next_epoch < n_epochs
     if best is not None:
-        model.load_state_dict(best)
+        session.model.load_state_dict(best)
     stage_history.finished = True
     stage_history.seconds += time.perf_counter() - t_stage
     stage_history.peak_rss_mib = _peak_rss_mib()
     logger.info("%s", stage_history.summary())
     progress.stage_index += 1
     progress.next_epoch, progress.best_val_loss, progress.best_epoch, progress.epochs_since_best = 0, None, None, 0
-    rng = _rng_state(device)
-    checkpointer.write(progress, model, None, None, False,
-                       {**info, "rng": rng, "stage_start_rng": rng, "history": history.to_dict()})
+    _checkpoint(session, None, None, False, None)
 
 
 def _begin_epoch(stage: Stage, epoch: int) -> None:
@@ -770,8 +854,9 @@ def _begin_epoch(stage: Stage, epoch: int) -> None:
         stage.begin_epoch(epoch)
 
 
-def _evaluate(stage: Stage, tensors: tuple[Tensor, ...], batch_size: int) -> float:
-    """Mean validation loss with the stage's module in eval mode."""
+def _evaluate(stage: Stage, tensors: tuple[Tensor, ...], batch_size: int,
+              distributed: Distributed | None = None) -> float:
+    """Mean validation loss with the stage's module in eval mode (over all ranks)."""
     stage.module.eval()
     total, seen = 0.0, 0
     order = torch.arange(len(tensors[0]), device=tensors[0].device)
@@ -780,6 +865,8 @@ def _evaluate(stage: Stage, tensors: tuple[Tensor, ...], batch_size: int) -> flo
             n = len(batch[0])
             total += stage.loss(batch).item() * n
             seen += n
+    if distributed is not None:
+        total, seen = distributed.sum(total, seen)
     return total / seen
 
 

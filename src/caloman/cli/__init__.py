@@ -22,6 +22,7 @@ COMMANDS = {
     "dimension": "dimension",
     "train": "train",
     "generate": "generate",
+    "merge": "merge",
     "export": "export",
     "benchmark": "benchmark",
     "demo": "demo",

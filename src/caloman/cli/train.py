@@ -1,7 +1,8 @@
 """``caloman train FILE [--binning B] --model M --out RUN``: train a model into a run directory.
 
 Left out, the binning is the shipped one named by FILE's voxel count (with
---resume: the run's own binning)."""
+--resume: the run's own binning). Under ``torchrun --nproc-per-node N -m caloman
+train ...`` the N processes train one model data-parallel (:mod:`caloman.distributed`)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from typing import Any
 
 from caloman.cli import add_binning_argument, resolve_binning
 from caloman.config import ConfigFile, load_config
+from caloman.distributed import joined
 from caloman.errors import ConfigError
 from caloman.geometry import Binning, load_binning
-from caloman.io import load_showers
 from caloman.models.base import ShowerModel
 from caloman.runs import (
     CONFIG_FILE,
@@ -24,7 +25,8 @@ from caloman.runs import (
     save_run,
     train_run,
 )
-from caloman.training import PROFILES, train_model
+from caloman.training import PROFILES, train_split
+from caloman.training_data import load_training_data
 
 logger = logging.getLogger("caloman.cli.train")
 
@@ -55,7 +57,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted run in RUN with its stored settings")
     parser.add_argument("--seed", type=int, help="seed of the split, initial weights and batches")
-    parser.add_argument("--max-showers", type=int, metavar="N", help="train on the first N showers of FILE")
+    parser.add_argument("--max-showers", type=int, metavar="N",
+                        help="train on N showers of FILE drawn at random with the seed")
     latent = parser.add_mutually_exclusive_group()
     latent.add_argument("--latent-dim", type=int, metavar="D", help="latent dimension (model option latent_dim)")
     latent.add_argument("--latent-dim-from", type=Path, metavar="DIMENSION.json",
@@ -123,20 +126,24 @@ def run(args: argparse.Namespace) -> int:
 
             model_overrides["latent_dim"] = DimensionEstimate.from_json(args.latent_dim_from).recommended()
             logger.info("latent dimension %d from %s", model_overrides["latent_dim"], args.latent_dim_from)
-        logger.info("training %s on %s (%s) into %s", kind, args.file, binning_name, out)
-        loaded = train_run(args.file, binning_name, out, model_kind=kind, profile=profile,
-                           training=file_config.training_config(profile, **cli), model_overrides=model_overrides,
-                           model_profile=args.model_profile, builder=build_model)
+        training = file_config.training_config(profile, **cli)
+        with joined(training.device) as distributed:
+            logger.info("training %s on %s (%s) into %s", kind, args.file, binning_name, out)
+            loaded = train_run(args.file, binning_name, out, model_kind=kind, profile=profile, training=training,
+                               model_overrides=model_overrides, model_profile=args.model_profile, builder=build_model,
+                               distributed=distributed)
         for line in loaded.history.summary_lines():
             logger.info("%s", line)
         logger.info("run saved in %s", out)
         return 0
 
-    incident_energies, showers = load_showers(args.file, binning, max_showers=training.max_showers)
-    logger.info("training %s on %d showers of %s (%s, %d voxels) into %s", model.kind, len(incident_energies),
-                args.file, binning.name, binning.n_voxels, out)
-    history = train_model(model, incident_energies, showers, training, out, resume=args.resume)
-    save_run(out, model, binning, training, history, run_config=run_config)
+    with joined(training.device) as distributed:
+        data = load_training_data(args.file, binning, training, distributed)
+        logger.info("training %s on %d showers of %s (%s, %d voxels) into %s", model.kind, data.n_showers,
+                    args.file, binning.name, binning.n_voxels, out)
+        history = train_split(model, data, training, out, resume=args.resume, distributed=distributed)
+        if distributed is None or distributed.is_main:
+            save_run(out, model, binning, training, history, run_config=run_config)
     for line in history.summary_lines():
         logger.info("%s", line)
     logger.info("run saved in %s", out)

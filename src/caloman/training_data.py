@@ -1,0 +1,125 @@
+"""Which showers a training run uses, and how they are split.
+
+A run trains on all showers of its file or, with ``max_showers``, on a seeded
+random subset of them (files are often sorted by incident energy, so the first N
+would cover only part of the spectrum); a seeded split then sets the validation
+showers aside. :class:`SplitData` is what one process trains on: its showers and
+the positions of its training and validation rows. In a data-parallel run
+(:mod:`caloman.distributed`) each rank reads only its own share of the split
+from the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from caloman.errors import ConfigError
+from caloman.geometry import Binning
+from caloman.io import ShowerFile, load_showers, subset_rows
+
+if TYPE_CHECKING:
+    from caloman.distributed import Distributed
+    from caloman.training import TrainingConfig
+
+
+@dataclass(frozen=True)
+class SplitData:
+    """Showers of one process: incident energies (n,) MeV, showers (n, n_voxels) MeV, and
+    the rows ``train_idx`` / ``val_idx`` of them used for training / validation.
+    ``n_showers`` counts the showers of the whole run (all ranks); ``fingerprint``
+    identifies them (to refuse resuming on other data)."""
+
+    incident_energies: np.ndarray
+    showers: np.ndarray
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    n_showers: int
+    fingerprint: str
+
+
+def split_indices(n_showers: int, validation_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded train/validation split of ``n_showers`` rows.
+
+    Returns sorted (train, validation) index arrays; the validation set has
+    ``round(validation_fraction * n)`` rows, at least one, and so does training.
+    """
+    if n_showers < 2:
+        raise ConfigError(f"need at least 2 showers to split into training and validation, got {n_showers}")
+    n_val = min(n_showers - 1, max(1, round(validation_fraction * n_showers)))
+    perm = np.random.default_rng(seed).permutation(n_showers)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def data_fingerprint(incident_energies: np.ndarray, showers: np.ndarray) -> str:
+    """SHA-256 of the incident energies, the shower array's shape and up to
+    1024 evenly spaced showers: cheap, and enough to notice a different file
+    or a different ``max_showers`` on resume."""
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(incident_energies, dtype=np.float64).tobytes())
+    h.update(repr(tuple(showers.shape)).encode())
+    rows = np.unique(np.linspace(0, max(0, len(showers) - 1), min(1024, len(showers))).astype(np.int64))
+    h.update(np.ascontiguousarray(showers[rows], dtype=np.float32).tobytes())
+    return h.hexdigest()
+
+
+def subset_seed(seed: int) -> int:
+    """The seed of the ``max_showers`` subset, a stream apart from the split's."""
+    return int(np.random.SeedSequence([seed, 2]).generate_state(1)[0])
+
+
+def split_in_memory(incident_energies: np.ndarray, showers: np.ndarray, config: TrainingConfig) -> SplitData:
+    """Arrays (N,), (N, n_voxels) in MeV -> the run's showers (the seeded ``max_showers``
+    subset, in file order) and their seeded split."""
+    incident_energies = np.asarray(incident_energies, dtype=np.float64).reshape(-1)
+    if config.max_showers is not None and len(incident_energies) > config.max_showers:
+        rows = subset_rows(len(incident_energies), config.max_showers, subset_seed(config.seed))
+        incident_energies, showers = incident_energies[rows], showers[rows]
+    if len(incident_energies) != len(showers):
+        raise ConfigError(f"{len(incident_energies)} incident energies for {len(showers)} showers")
+    train_idx, val_idx = split_indices(len(showers), config.validation_fraction, config.seed)
+    return SplitData(incident_energies, showers, train_idx, val_idx, len(showers),
+                     data_fingerprint(incident_energies, showers))
+
+
+def rank_rows(n_file: int, config: TrainingConfig, rank: int, world_size: int
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Rank ``rank``'s share of a file of ``n_file`` showers: (its file rows, sorted; the
+    positions of its training rows among them; of its validation rows; the run's number
+    of showers). Ranks take every ``world_size``-th row of the run's training and
+    validation rows, so each spans the whole file; training shares are cut to one
+    size (all ranks run the same number of batches), dropping at most
+    ``world_size - 1`` training showers."""
+    used = np.arange(n_file) if config.max_showers is None else subset_rows(n_file, config.max_showers,
+                                                                             subset_seed(config.seed))
+    train_idx, val_idx = split_indices(len(used), config.validation_fraction, config.seed)
+    per_rank = len(train_idx) // world_size
+    if per_rank < 1 or len(val_idx) < world_size:
+        raise ConfigError(f"{len(used)} showers give {len(train_idx)} training and {len(val_idx)} validation showers, "
+                          f"fewer than one of each for each of {world_size} processes; use more showers or processes "
+                          "fewer")
+    mine_train = used[train_idx[rank::world_size][:per_rank]]
+    mine_val = used[val_idx[rank::world_size]]
+    rows = np.sort(np.concatenate((mine_train, mine_val)))
+    return rows, np.searchsorted(rows, mine_train), np.searchsorted(rows, mine_val), len(used)
+
+
+def load_training_data(path: str | Path, binning: Binning | str | Path, config: TrainingConfig,
+                       distributed: Distributed | None = None) -> SplitData:
+    """Read the run's showers from a CaloChallenge file and split them; in a
+    data-parallel run only this rank's share (:func:`rank_rows`) is read."""
+    if distributed is None:
+        incident_energies, showers = load_showers(path, binning, max_showers=config.max_showers,
+                                                  subset_seed=subset_seed(config.seed))
+        return split_in_memory(incident_energies, showers, config)
+    with ShowerFile(path, binning, check_values=False) as f:
+        n_file = f.n_showers
+    rows, train_idx, val_idx, n_used = rank_rows(n_file, config, distributed.rank, distributed.world_size)
+    incident_energies, showers = load_showers(path, binning, rows=rows)
+    prints = distributed.gather(data_fingerprint(incident_energies, showers))
+    fingerprint = hashlib.sha256("".join(prints).encode()).hexdigest()
+    return SplitData(incident_energies, showers, train_idx, val_idx, n_used, fingerprint)
