@@ -30,7 +30,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="held-out showers used, a seeded random subset (default 4000: 2000 per half)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split and the random defects")
     parser.add_argument("--defects", default=",".join(d.name for d in DEFECTS),
-                        help="comma-separated defect names (default: all): " + ", ".join(d.name for d in DEFECTS))
+                        help="comma-separated defect names (default: all): "
+                        + ", ".join(d.name for d in DEFECTS).replace("%", "%%"))  # argparse formats help with %
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.set_defaults(func=run)
     return parser

@@ -26,7 +26,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                              "the full demo's held-out size)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the reference sample (the other: seed + 1)")
     parser.add_argument("--defects", default=",".join(d.name for d in DEFECTS),
-                        help="comma-separated defect names (default: all): " + ", ".join(d.name for d in DEFECTS))
+                        help="comma-separated defect names (default: all): "
+                        + ", ".join(d.name for d in DEFECTS).replace("%", "%%"))  # argparse formats help with %
     parser.set_defaults(func=run)
     return parser
 

@@ -115,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
         cli = {k: v for k, v in (("seed", args.seed), ("max_showers", args.max_showers)) if v is not None}
         profile = args.profile or "quick"
         kind = args.model or DEFAULT_MODEL
-        model_overrides = {**file_config.model, **_model_options(kind, args.model_option or [])}
+        options = _model_options(kind, args.model_option) if args.model_option else {}
+        model_overrides = {**file_config.model, **options}
         if args.latent_dim is not None and args.model_option and any(
                 o.partition("=")[0].strip() == "latent_dim" for o in args.model_option):
             raise ConfigError("latent_dim is set by both --latent-dim and --model-option; keep one")
