@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 
 import numpy as np
 import pytest
@@ -69,8 +70,15 @@ def _cli_rank(rank: int, world_size: int, port: int, commands: list[list[str]], 
             raise SystemExit(code)
 
 
-def _spawn(fn, *args, world_size: int = 2) -> None:
-    mp.spawn(fn, args=(world_size, _free_port(), *args), nprocs=world_size, join=True)
+def _spawn(fn, *args, world_size: int = 2, limit_s: float = 240.0) -> None:
+    """Run ``fn`` on ``world_size`` ranks; a rank that hangs fails the test instead of the whole run."""
+    context = mp.spawn(fn, args=(world_size, _free_port(), *args), nprocs=world_size, join=False)
+    deadline = time.monotonic() + limit_s
+    while not context.join(timeout=2.0):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the {world_size} ranks did not finish within {limit_s:.0f} s")
 
 
 def test_two_processes_train_and_generate_a_run_that_loads(tmp_path, monkeypatch):
@@ -86,8 +94,10 @@ def test_two_processes_train_and_generate_a_run_that_loads(tmp_path, monkeypatch
     (tmp_path / "cfg.toml").write_text("[training]\nepochs = 2\nbatch_size = 8\nnum_threads = 1\n")
     generate = ["-q", "generate", str(run), "--energies-from", str(tmp_path / "train.h5"), "--batch-size", "4",
                 "--allow-extrapolation", "--out"]
-    _spawn(_cli_rank, [[*train, "--config", str(tmp_path / "cfg.toml"), "--max-showers", "45"],
-                       [*generate, str(tmp_path / "by-ranks.h5")]], True)
+    # One command per launch, as torchrun runs them: a second process group on the same port in the
+    # same processes can hang in gloo's connection set-up on a loaded machine.
+    _spawn(_cli_rank, [[*train, "--config", str(tmp_path / "cfg.toml"), "--max-showers", "45"]], True)
+    _spawn(_cli_rank, [[*generate, str(tmp_path / "by-ranks.h5")]], True)
 
     loaded = load_run(run)
     history = json.loads((run / "history.json").read_text())
