@@ -346,7 +346,7 @@ class CaloManModel(ShowerModel):
         self.register_buffer("latent_fitted", torch.tensor(False))
         # Energy quantum per layer (MeV) of the Poisson voxel noise, fitted with the codes.
         self.register_buffer("voxel_quanta", torch.zeros(n_layers))
-        self.register_buffer("voxel_layer_index", torch.as_tensor(np.repeat(np.arange(n_layers), layer_sizes)),
+        self.register_buffer("voxel_layer_index", self.layer_layout.layer_index.clone(),
                              persistent=False)
         # Finer quanta per (layer, ring of equal radius, reconstructed-energy bin), fitted to the
         # occupancy of the training voxels; all zero means "use voxel_quanta".
