@@ -70,3 +70,7 @@ def test_markdown_tables_and_ratios():
     assert "| caloman | 10 | 1.0 min | 100 MiB |" in md
     assert "| caloman | 0.3000 | b | 0.600 |" in md
     assert "nan" not in md.lower()
+    assert md.startswith("# caloman benchmark (quick profile)")   # older reports: no trained_with_profile
+    assert render_markdown({**report, "trained_with_profile": []}).startswith("# caloman benchmark (given runs)")
+    assert render_markdown({**report, "trained_with_profile": ["caloman"]}).startswith(
+        "# caloman benchmark (quick profile)")

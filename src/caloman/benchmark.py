@@ -367,10 +367,12 @@ def run_benchmark(out_dir: str | Path, config: BenchmarkConfig, *, run_dirs: dic
     devices = available_devices()
 
     results: list[ModelResult] = []
+    trained: list[str] = []  # models trained with the profile (here or by an earlier call), not given as runs
     for kind in config.models:
         run_dir = (run_dirs or {}).get(kind)
         if run_dir is None:
             run_dir = out_dir / "runs" / kind
+            trained.append(kind)
             if (run_dir / "model.safetensors").exists():
                 loaded = load_run(run_dir)
             else:
@@ -416,6 +418,7 @@ def run_benchmark(out_dir: str | Path, config: BenchmarkConfig, *, run_dirs: dic
         "data": {"train": str(train_file), "reference": str(reference_file), "n_reference": int(len(ref_energies)),
                  "simulator_ms_per_shower": simulator_ms},
         "models": [dataclasses.asdict(r) for r in results],
+        "trained_with_profile": trained,
         "reference_sampler": [dataclasses.asdict(t) for t in reference_timings],
         "process_peak_rss_mib": peak_rss_mib(),
         "seconds": (datetime.now(UTC) - started).total_seconds(),
@@ -509,7 +512,12 @@ def render_markdown(report: dict[str, Any]) -> str:
 
     cfg = report["config"]
     machine = report["machine"]
-    lines = [f"# caloman benchmark ({cfg['profile']} profile)", "",
+    trained = report.get("trained_with_profile")
+    if trained is None or trained:  # (older reports lack the field)
+        title = f"# caloman benchmark ({cfg['profile']} profile)"
+    else:
+        title = "# caloman benchmark (given runs)"
+    lines = [title, "",
              f"{report['date']}, caloman {report['caloman_version']}, torch {machine['torch']}, "
              f"{machine['cpu']}, {cfg['threads']} CPU threads"
              + (f", GPU {machine['gpu']}" if machine.get("gpu") else ", no GPU") + ".", "",

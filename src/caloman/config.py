@@ -39,7 +39,7 @@ SECTIONS = ("model", "training", "data")
 class DataConfig:
     """Which showers of the input file are used."""
 
-    #: the first max_showers showers of the file (None: all)
+    #: train on a seeded random subset of max_showers showers of the file (None: all)
     max_showers: int | None = None
 
 
