@@ -85,6 +85,23 @@ def test_fused_inverse_matches_zuko(features, batch):
         assert torch.allclose(flow.transform_inverse(z, c).detach(), expected, atol=2e-5)
 
 
+@pytest.mark.parametrize("hypernet, features", [("mlp", 5), ("mlp", 2), ("residual-glu", 15)])
+def test_fused_log_prob_and_its_gradients_are_zukos(hypernet, features):
+    torch.manual_seed(0)
+    flow = ConditionalFlow(features, 3, transforms=4, hidden=(16, 16), bins=8, bound=4.0, hypernet=hypernet).double()
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x, c = 2.5 * torch.randn(300, features, dtype=torch.float64), torch.randn(300, 3, dtype=torch.float64)
+    x[:20] *= 4  # some features outside [-bound, bound], where the splines are the identity
+    fused, expected = flow.log_prob(x, c), flow(c).log_prob(x)
+    assert torch.allclose(fused, expected, rtol=1e-9, atol=1e-9)
+    grads = [torch.autograd.grad(f().mean(), list(flow.parameters()))
+             for f in (lambda: flow.log_prob(x, c), lambda: flow(c).log_prob(x))]
+    for ours, zukos in zip(*grads):
+        assert torch.allclose(ours, zukos, rtol=1e-7, atol=1e-9)
+
+
 def test_residual_glu_flow_and_autoregressive_flow_sample():
     torch.manual_seed(0)
     c = torch.randn(7, 2)

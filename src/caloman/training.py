@@ -727,8 +727,10 @@ def _make_split_data(session: _Session, stage: Stage, idx: np.ndarray) -> tuple[
 def _stage_optimizer(session: _Session, stage: Stage, params: list[torch.nn.Parameter],
                      checkpoint: dict[str, Any] | None) -> tuple[torch.optim.Optimizer, dict[str, Tensor] | None]:
     """AdamW for the stage and the best weights so far; from the checkpoint when resuming."""
+    # foreach: one multi-tensor kernel per update step instead of a Python loop over the
+    # parameters (the same update; about a tenth of a flow stage's step time on the CPU).
     optimizer = torch.optim.AdamW(params, lr=session.config.learning_rate_for(stage.name),
-                                  weight_decay=session.config.weight_decay)
+                                  weight_decay=session.config.weight_decay, foreach=True)
     best: dict[str, Tensor] | None = None
     if checkpoint is not None:
         record = checkpoint["record"]
@@ -801,7 +803,7 @@ def _train_batches(session: _Session, stage: Stage, tensors: tuple[Tensor, ...],
                           lr, progress, session.run_dir)
             loss.backward()
             if config.grad_clip_norm:
-                norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip_norm)
+                norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip_norm, foreach=True)
                 if not torch.isfinite(norm):
                     _diverged(stage.name, epoch, n_epochs, f"gradient norm is {norm.item()} at batch "
                               f"{b + 1}/{n_batches}", lr, progress, session.run_dir)

@@ -8,10 +8,11 @@ Coupling transforms (the default) invert in one network pass each, so
 sampling costs as much as density evaluation; fully autoregressive transforms
 (``coupling=False``, CaloFlow's MAF) need one pass per feature to sample.
 
-zuko does training (``log_prob``) and defines the maths. Sampling a coupling
-flow goes through :meth:`ConditionalFlow.sample`, a fused loop over the
-transforms that skips zuko's lazy-distribution construction and computes the
-spline inverse in fewer tensor operations; batches of up to
+zuko defines the maths. For coupling flows both directions run fused loops over
+the transforms that skip zuko's lazy-distribution construction: the density
+(:meth:`ConditionalFlow.log_prob`, what training spends a flow stage on; the
+spline in fewer operations, :func:`rqs_forward`) and sampling
+(:meth:`ConditionalFlow.sample`, the spline inverse in fewer operations); batches of up to
 ``NUMPY_MAX_BATCH`` on the CPU run it in numpy. At batch 1 per-call overhead,
 not arithmetic, is what sampling time is made of (the CaloMan paper's sampler
 spends 6.2 ms per shower there). Both fused paths are checked against zuko's
@@ -155,8 +156,23 @@ class ConditionalFlow(nn.Module):
         return self.flow(context)
 
     def log_prob(self, x: Tensor, context: Tensor) -> Tensor:
-        """log p(x | c), shape (n,), for x (n, features) and context (n, context)."""
-        return self.flow(context).log_prob(x)
+        """log p(x | c), shape (n,), for x (n, features) and context (n, context).
+
+        Coupling flows run a fused loop over the transforms (:func:`rqs_forward`: zuko's
+        maths in fewer tensor operations, differentiable; training spends most of a flow
+        stage here); autoregressive ones go through zuko."""
+        if not self.coupling:
+            return self.flow(context).log_prob(x)
+        z, ladj = x, x.new_zeros(x.shape[0])
+        context = context.to(x.dtype)
+        for layer in self.flow.transform.transforms:
+            idx_a, idx_b, undo = (t.to(x.device) for t in _coupling_indices(layer.mask))
+            z_a = z.index_select(-1, idx_a)
+            params = layer.hyper(torch.cat((z_a, context), dim=-1)).reshape(-1, len(idx_b), layer.total)
+            z_b, step_ladj = rqs_forward(params, z.index_select(-1, idx_b), self.bound)
+            z = torch.cat((z_a, z_b), dim=-1).index_select(-1, undo)
+            ladj = ladj + step_ladj
+        return ladj - 0.5 * (z * z).sum(-1) - 0.5 * self.features * math.log(2 * math.pi)
 
     def sample(self, context: Tensor) -> Tensor:
         """One sample x ~ p(x | c) per row of context (n, context); shape (n, features).
@@ -272,6 +288,51 @@ def _soft_clip_scale(bins: int, slope: float) -> list[float]:
 @cache
 def _soft_clip_scale_numpy(bins: int, slope: float, dtype: np.dtype) -> np.ndarray:
     return np.asarray(_soft_clip_scale(bins, slope), dtype=dtype)
+
+
+def _coupling_indices(mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The conditioning half, the transformed half and the permutation undoing their concat."""
+    idx_a, idx_b = mask.nonzero().squeeze(-1), (~mask).nonzero().squeeze(-1)
+    return idx_a, idx_b, torch.cat((idx_a, idx_b)).argsort()
+
+
+def _rqs_knots(params: Tensor, bound: float, slope: float) -> tuple[Tensor, Tensor, int]:
+    """zuko's knots from unconstrained parameters (n, f, 3K - 1): x and y knots (n, f, 2, K + 1)
+    on [-bound, bound] and the knot slopes (n, f, K + 1) (1 at both ends); and K."""
+    features, size = int(params.shape[1]), int(params.shape[2])
+    bins = (size + 1) // 3
+    params = params / (1 + (params * params.new_tensor(_soft_clip_scale(bins, slope))).abs())
+    # Clipped parameters lie within +-3.5, so the softmax needs no max subtraction.
+    weights = params[..., :2 * bins].reshape(-1, features, 2, bins).exp()
+    cumulative = torch.nn.functional.pad(weights.cumsum(-1), (1, 0))
+    knots = cumulative / cumulative[..., -1:] * (2 * bound) - bound
+    slopes = torch.nn.functional.pad(params[..., 2 * bins:], (1, 1)).exp()
+    return knots, slopes, bins
+
+
+def rqs_forward(params: Tensor, x: Tensor, bound: float, slope: float = SPLINE_SLOPE) -> tuple[Tensor, Tensor]:
+    """zuko's monotonic RQS (``MonotonicRQSTransform.call_and_ladj``) with unconstrained
+    parameters (n, f, 3K - 1) at x (n, f): y (n, f) and the log-determinant of the Jacobian
+    summed over the features (n,). Identity (log-det 0) outside [-bound, bound]. The same
+    maths as zuko in fewer operations; agrees with it to float rounding (tested)."""
+    features = int(params.shape[1])
+    knots, slopes, bins = _rqs_knots(params, bound, slope)
+    table = torch.cat((knots, slopes.unsqueeze(-2)), dim=-2)  # (n, f, 3, K + 1)
+    column = x.unsqueeze(-1)
+    k = (knots[..., 0, :] < column).sum(-1, keepdim=True) - 1
+    inside = ((k >= 0) & (k < bins)).squeeze(-1)
+    k = k.clamp(0, bins - 1)
+    picked = table.gather(-1, torch.cat((k, k + 1), dim=-1).unsqueeze(-2).expand(-1, -1, 3, -1))
+    x0, x1, y0, y1, d0, d1 = picked.reshape(-1, features, 6).unbind(-1)
+    width, height = x1 - x0, y1 - y0
+    s = height / width
+    t = ((x - x0) / width).where(inside, torch.zeros_like(x))
+    tt = t * (1 - t)
+    denominator = s + (d0 + d1 - 2 * s) * tt
+    y = y0 + height * (s * t * t + d0 * tt) / denominator
+    jacobian = s * s * (2 * s * tt + d0 * (1 - t) ** 2 + d1 * t * t) / (denominator * denominator)
+    ladj = torch.where(inside, jacobian.log(), torch.zeros_like(jacobian)).sum(-1)
+    return torch.where(inside, y, x), ladj
 
 
 def rqs_inverse(params: Tensor, y: Tensor, bound: float, slope: float = SPLINE_SLOPE) -> Tensor:
