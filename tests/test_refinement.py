@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from caloman.errors import ConfigError
 from caloman.refinement import (
     ClassifierConfig,
     DeterministicPullback,
@@ -89,6 +90,32 @@ def test_conditional_refiner_needs_and_uses_the_condition():
     assert float(s.mean()) == pytest.approx(1.0, abs=0.15)
     with pytest.raises(ValueError):
         refiner.sample(10)
+
+
+def test_coupling_refiner_is_caloman_s_fused_flow_and_learns_a_conditional_shift():
+    g = _generator(5)
+    c = torch.rand(6000, 1, generator=g) * 2 - 1
+    z = torch.randn(6000, 2, generator=g) + torch.cat([2.0 * c, -c], dim=1)  # mean (2c, -c), w = 1
+    config = RefinerConfig(transforms=2, hidden=(16, 16), epochs=20, batch_size=256, lr=3e-3)
+    refiner = WeightedFlowRefiner(2, context=1, config=config)
+    assert refiner.fused and config.flow == "coupling"
+    refiner.fit(z, torch.ones(6000), condition=c, generator=g)
+    s = refiner.sample(condition=torch.full((4000, 1), 0.5))
+    assert float(s[:, 0].mean()) == pytest.approx(1.0, abs=0.15)
+    assert float(s[:, 1].mean()) == pytest.approx(-0.5, abs=0.15)
+    noise, cond = torch.randn(50, 2, generator=g), torch.zeros(50, 1)
+    with torch.no_grad():  # the map from noise is deterministic, and log q is its density
+        a, b = refiner.from_noise(noise, cond), refiner.from_noise(noise, cond)
+        assert torch.equal(a, b)
+        zuko_view = refiner.flow(cond)  # the same parameters through zuko
+        expected = zuko_view.log_prob((a - refiner.shift) / refiner.scale) - refiner.scale.log().sum()
+        assert torch.allclose(refiner.log_prob(a, cond), expected, atol=1e-4)
+    with pytest.raises(ValueError):
+        refiner.sample(10)
+    with pytest.raises(ConfigError):
+        WeightedFlowRefiner(2, context=1, config=RefinerConfig(flow="maf"))
+    unconditional = WeightedFlowRefiner(2, config=config)  # no condition: zuko's NSF
+    assert not unconditional.fused
 
 
 def test_hmc_samples_a_correlated_gaussian():
@@ -213,7 +240,6 @@ def test_tree_weights_are_cross_fitted():
 
 
 def test_tree_weight_clip_and_bad_config():
-    from caloman.errors import ConfigError
     from caloman.refinement.trees import TreeClassifierConfig, fit_tree_density_ratio
 
     rng = np.random.default_rng(3)

@@ -326,7 +326,9 @@ def load_refined_run(run_dir: str | Path, *, factory: Any = None, device: str | 
         if method in ("refiner", "hmc"):
             latent_ratio = ratio_of("latent_ratio.", "latent_classifier", features["latent_size"] + 1)
         if method == "refiner":
-            refiner = WeightedFlowRefiner(features["latent_size"], 1, _from_dict(RefinerConfig, settings["refiner"]))
+            # refined runs written before the coupling refiner used zuko's NSF
+            refiner_config = _from_dict(RefinerConfig, {"flow": "zuko-nsf", **settings["refiner"]})
+            refiner = WeightedFlowRefiner(features["latent_size"], 1, refiner_config)
             refiner.load_state_dict(part("refiner."))
             refiner.eval()
         model = RefinedModel(base.model, method, ratio, latent_ratio=latent_ratio, refiner=refiner,
