@@ -26,7 +26,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "evaluate", help="compare generated showers with reference showers (CaloChallenge metrics)",
         description=__doc__.replace("``", ""),
         epilog="example: caloman evaluate --generated gen.h5 --reference ref.h5 --binning ds1-photons "
-               "--out results/eval --classifier quick")
+               "--out results/eval --classifier strong")
     parser.add_argument("--generated", required=True, type=Path, help="HDF5 file of generated showers")
     parser.add_argument("--reference", required=True, type=Path, help="HDF5 file of reference (Geant4) showers")
     add_binning_argument(parser, "--reference")
