@@ -167,6 +167,91 @@ def test_graph_spline_inverse_is_the_eager_one(bins, bound):
     assert torch.equal(got[outside], y.float().double()[outside])
 
 
+# -- the fused CaloMan graph ---------------------------------------------------------------------
+def _random_flow(features: int, context: int, bins: int, bound: float, seed: int):
+    from caloman.models.flows import ConditionalFlow
+    torch.manual_seed(seed)
+    flow = ConditionalFlow(features, context, transforms=3, hidden=(16, 16), bins=bins, bound=bound)
+    with torch.no_grad():
+        for p in flow.parameters():  # far from the initial near-identity splines
+            p.add_(torch.randn_like(p) * 0.5)
+    return flow.eval()
+
+
+@pytest.mark.parametrize("features, bins, bound", [(5, 16, 14.0), (7, 8, 5.0)])
+def test_graph_coupling_flow_is_the_flows_inverse(features, bins, bound):
+    """GraphCouplingFlow on the state [z, condition columns] is transform_inverse: exact in
+    float64, within float32 rounding (amplified by steep inverses) in float32; it keeps the
+    condition columns bit for bit and is the identity outside [-bound, bound]."""
+    from caloman.export.graph_flow import GraphCouplingFlow
+    flow = _random_flow(features, 2, bins, bound, seed=features)
+    generator = torch.Generator().manual_seed(0)
+    z = torch.randn(3000, features, generator=generator, dtype=torch.float64) * bound * 0.4
+    z[:20] = torch.linspace(-2 * bound, 2 * bound, 20)[:, None]  # outside, and on the bounds
+    columns = torch.rand(3000, 3, generator=generator, dtype=torch.float64)  # the state's condition columns
+    to_condition = torch.tensor([[0.0, 0.5], [2.0, 0.0], [0.0, 0.25]], dtype=torch.float64)  # condition = columns @ it
+    with torch.no_grad():
+        reference = flow.double().transform_inverse(z, columns @ to_condition)
+        got = GraphCouplingFlow(flow, to_condition)(torch.cat((z, columns), 1))
+        assert torch.allclose(got[:, :features], reference, rtol=1e-10, atol=1e-10)
+        assert torch.equal(got[:, features:], columns)
+        flow.float()
+        state = torch.cat((z, columns), 1).float()
+        got32 = GraphCouplingFlow(flow, to_condition)(state)
+    assert torch.equal(got32[:, features:], state[:, features:])
+    assert (got32[:, :features].double() - reference).abs().max() < 1e-3 * bound
+    outside = state[:, :features].abs() >= bound  # splines map [-bound, bound] onto itself
+    assert outside.any() and torch.equal(got32[:, :features][outside], state[:, :features][outside])
+    assert (got32[:, :features] != state[:, :features])[~outside].all()
+
+
+def test_graph_coupling_flow_refuses_other_hypernetworks():
+    from caloman.export.graph_flow import GraphCouplingFlow, supports
+    from caloman.models.flows import ConditionalFlow
+    flow = ConditionalFlow(4, 1, transforms=2, hidden=(8, 8), hypernet="residual-glu")
+    assert not supports(flow)
+    with pytest.raises(ValueError, match="MLP hypernetworks"):
+        GraphCouplingFlow(flow)
+
+
+def test_caloman_exports_fused_and_traced_graphs_that_both_match(runs, exports, tmp_path):
+    """The default export records CaloMan through CaloManGraph (fewer operators, sidecar graph
+    "fused"); fused=False traces sample_from_noise itself. Both match PyTorch at batch 1."""
+    import onnx
+    fused = exports["caloman-smooth", "caloman"]
+    traced = export_onnx(runs["caloman-smooth"], tmp_path / "traced.onnx", fused=False)
+    assert json.loads(fused.with_suffix(".json").read_text())["graph"] == "fused"
+    assert traced.sidecar["graph"] == "traced"
+    assert json.loads(exports["caloman-mflow", "caloman"].with_suffix(".json").read_text())["graph"] == "traced"
+
+    def operators(path: Path) -> int:
+        return sum(node.op_type != "Constant" for node in onnx.load(str(path)).graph.node)
+
+    assert operators(fused) < operators(traced.onnx_path)
+    model = load_run(runs["caloman-smooth"]).model
+    shape = model.noise_shape()
+    for seed in range(3):
+        energies, normal, _ = _noise(model, 1, seed)
+        with torch.inference_mode():
+            expected = model.sample_from_noise(energies, normal).numpy()
+        for path in (fused, traced.onnx_path):
+            got = OnnxSampler(path, shape.normal, 0).run(energies.numpy(), normal.numpy())
+            agreement = compare_showers(got, expected, model.threshold)
+            assert agreement.voxels_off == 0 and agreement.max_relative_error < 1e-4, (path, agreement)
+
+
+def test_fixed_batch_session_runs_that_batch_only(exports):
+    from caloman.export.runtime import session_options
+    path = exports["ambient-flow", "caloman"]
+    session = ort.InferenceSession(str(path), session_options(1, batch_size=2), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[0] == 2
+    n_normal = session.get_inputs()[0].shape[1]
+    feeds = {"normal_noise": np.zeros((2, n_normal), np.float32), "incident_energy": np.full((2, 1), 1e4, np.float32)}
+    assert session.run(None, feeds)[0].shape[0] == 2
+    with pytest.raises(Exception, match="(?i)invalid dimensions"):
+        session.run(None, {k: v[:1] for k, v in feeds.items()})
+
+
 # -- refined runs --------------------------------------------------------------------------------
 @pytest.mark.parametrize("n", [1, 64])
 def test_refiner_run_exports_one_graph_that_matches_its_pytorch_sampler(refined, tmp_path, n):

@@ -491,9 +491,11 @@ def _onnx_lines(models: list[dict[str, Any]], cfg: dict[str, Any], header: list[
     lines = []
     timed = [m for m in models if m.get("onnx_timings")]
     if timed:
-        lines += ["", f"ONNX Runtime rows: the run exported with `caloman export`, timed in this process with "
+        lines += ["", f"ONNX Runtime rows: the run exported with `caloman export` (CaloMan as the fused graph of "
+                      f"`caloman.export.graph_caloman`), timed in this process with "
                       f"intra_op_num_threads = {cfg['threads']}, inter_op_num_threads = 1, sequential execution, all "
-                      "graph optimisations; noise drawn with numpy inside each timed call. ONNX Runtime's time "
+                      "graph optimisations, spinning worker threads (onnxruntime's default), dynamic batch axis; "
+                      "noise drawn with numpy inside each timed call. ONNX Runtime's time "
                       "divided by PyTorch's (below 1 = faster):", ""]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for m in timed:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from caloman.export.graph_caloman import graph_sampler
 from caloman.geometry import Binning
 from caloman.models.base import ShowerModel
 
@@ -53,9 +54,10 @@ def par04_mesh(binning: Binning) -> tuple[int, int, int] | None:
 class CalomanConvention(nn.Module):
     """Noise and incident energies in, showers in MeV out (see the module docstring)."""
 
-    def __init__(self, model: ShowerModel) -> None:
+    def __init__(self, model: ShowerModel, fused: bool = True) -> None:
         super().__init__()
         self.model = model
+        self.sampler = graph_sampler(model, fused)
         self.has_uniform = model.noise_shape().uniform > 0
         self.weighted = bool(model.weighted)
 
@@ -63,7 +65,7 @@ class CalomanConvention(nn.Module):
         """normal (n, N), [uniform (n, U)], incident energy (n, 1) MeV -> showers (n, V) MeV
         [and, for a weighted generator, weights (n,)]."""
         uniform, incident = rest if self.has_uniform else (None, rest[0])
-        showers = self.model.sample_from_noise(incident.reshape(-1), normal_noise, uniform)
+        showers = self.sampler(incident.reshape(-1), normal_noise, uniform)
         if not self.weighted:
             return showers
         return showers, self.model.shower_weights(incident.reshape(-1), showers)
@@ -78,9 +80,10 @@ class CalomanConvention(nn.Module):
 class Par04Convention(nn.Module):
     """One input vector [noise, condition] in, showers / E_inc in (r, phi, z) order out."""
 
-    def __init__(self, model: ShowerModel, energy_scale_mev: float, condition_size: int) -> None:
+    def __init__(self, model: ShowerModel, energy_scale_mev: float, condition_size: int, fused: bool = True) -> None:
         super().__init__()
         self.model = model
+        self.sampler = graph_sampler(model, fused)
         shape = model.noise_shape()
         self.n_normal, self.n_uniform = shape.normal, shape.uniform
         self.energy_scale_mev = float(energy_scale_mev)
@@ -97,7 +100,7 @@ class Par04Convention(nn.Module):
         uniform = inputs[:, self.n_normal:self.n_normal + self.n_uniform] if self.n_uniform else None
         start = self.n_normal + self.n_uniform
         incident = inputs[:, start:start + 1] * self.energy_scale_mev  # (n, 1) MeV
-        showers = self.model.sample_from_noise(incident.reshape(-1), normal, uniform)
+        showers = self.sampler(incident.reshape(-1), normal, uniform)
         return showers[:, self.order] / incident.to(showers.dtype)
 
     def input_names(self) -> list[str]:

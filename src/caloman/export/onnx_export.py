@@ -74,11 +74,14 @@ def sidecar_path(onnx_path: str | Path) -> Path:
 
 
 def export_onnx(run: str | Path | LoadedRun, out: str | Path, *, convention: str = "caloman",
-                condition_size: int = PAR04_CONDITION_SIZE, opset: int = OPSET, seed: int = 0) -> ExportResult:
+                condition_size: int = PAR04_CONDITION_SIZE, opset: int = OPSET, seed: int = 0,
+                fused: bool = True) -> ExportResult:
     """Export a trained run as ``out`` (an ``.onnx`` file) and its sidecar ``out`` with ``.json``.
 
     ``convention``: ``"caloman"`` or ``"par04"`` (:mod:`caloman.export.graph`);
-    ``condition_size``: length of the Par04 condition vector (>= 1). Raises
+    ``condition_size``: length of the Par04 condition vector (>= 1); ``fused``: record CaloMan's
+    sampler in fewer operators (:mod:`caloman.export.graph_caloman`; other models are traced
+    as they are either way). Raises
     :class:`ExportError` for a model that cannot be exported (saying why) or a graph that
     fails its self-check, and leaves no output behind on any error.
     """
@@ -101,8 +104,8 @@ def export_onnx(run: str | Path | LoadedRun, out: str | Path, *, convention: str
                           "(a reweighted run) and Par04 reads one output; use --convention caloman, whose graph "
                           "has a second output `weights`, or export the base run")
     low, high = model.trained_energy_range()
-    graph = (CalomanConvention(model) if convention == "caloman"
-             else Par04Convention(model, energy_scale_mev=high, condition_size=condition_size))
+    graph = (CalomanConvention(model, fused=fused) if convention == "caloman"
+             else Par04Convention(model, energy_scale_mev=high, condition_size=condition_size, fused=fused))
     generator = torch.Generator().manual_seed(seed)
     energies = torch.as_tensor(np.geomspace(low, high, CHECK_SHOWERS), dtype=torch.float32)
     with atomic_path(out, suffix=".onnx.tmp") as onnx_tmp, atomic_path(sidecar_path(out), suffix=".json.tmp") as tmp:
@@ -163,7 +166,7 @@ def _self_check(graph: nn.Module, path: Path, energies: torch.Tensor, generator:
     session = ort.InferenceSession(str(path), session_options(1), providers=["CPUExecutionProvider"])
     got = session.run(None, {name: t.numpy() for name, t in zip(graph.input_names(), inputs)})
     with torch.inference_mode():
-        expected = graph(*inputs)
+        expected = _reference(graph)(*inputs)
     expected = [t.numpy() for t in (expected if isinstance(expected, tuple) else (expected,))]
     scale = 1.0 if isinstance(graph, CalomanConvention) else 1.0 / float(energies.max())
     agreement = compare_showers(got[0], expected[0], threshold_mev * scale,
@@ -177,6 +180,13 @@ def _self_check(graph: nn.Module, path: Path, energies: torch.Tensor, generator:
                           f"{agreement.max_energy_relative_error:.2g}, weights by up to "
                           f"{agreement.max_weight_relative_error}); nothing was written; please report it")
     return agreement
+
+
+def _reference(graph: nn.Module) -> nn.Module:
+    """The same convention around the model's own ``sample_from_noise``: what the graph must match."""
+    if isinstance(graph, Par04Convention):
+        return Par04Convention(graph.model, graph.energy_scale_mev, graph.condition_size, fused=False)
+    return CalomanConvention(graph.model, fused=False)
 
 
 def binning_xml(binning: Binning) -> str:
@@ -201,6 +211,8 @@ def build_sidecar(loaded: LoadedRun, graph: nn.Module, convention: str, *, onnx_
         "opset": opset,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "convention": convention,
+        # "fused": CaloMan's flows and decoder input rearranged into fewer operators (caloman.export.graph_caloman).
+        "graph": "fused" if graph.sampler.fused else "traced",
         "onnx_file": onnx_file,
         "onnx_sha256": onnx_sha256,
         "run": {"dir": str(loaded.run_dir), "model_kind": model.kind, "created": loaded.config.created,

@@ -31,15 +31,19 @@ def require_onnxruntime() -> Any:
     return onnxruntime
 
 
-def session_options(intra_op_threads: int = 1) -> Any:
+def session_options(intra_op_threads: int = 1, *, batch_size: int | None = None) -> Any:
     """ONNX Runtime session options: ``intra_op_threads`` threads within an operator, one
-    operator at a time (sequential execution, one inter-op thread), all graph optimisations."""
+    operator at a time (sequential execution, one inter-op thread), all graph optimisations;
+    with ``batch_size``, the graphs' ``batch`` axis fixed to it (ONNX Runtime then plans
+    every shape once; the session accepts only that batch size)."""
     ort = require_onnxruntime()
     options = ort.SessionOptions()
     options.intra_op_num_threads = int(intra_op_threads)
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if batch_size is not None:
+        options.add_free_dimension_override_by_name("batch", int(batch_size))
     return options
 
 
