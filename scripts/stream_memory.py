@@ -10,6 +10,11 @@ point; the figures are in docs/training-and-generation.md ("Streamed training").
 
     nice -n 10 .venv/bin/python scripts/stream_memory.py --simulate 5000 --repeat 4 --sizes 5000 20000
 
+or step by step (``--keep`` the work folder, then ``--data`` its file):
+
+    ... stream_memory.py --simulate 5000 --repeat 4 --sizes --workdir /tmp/stream-bench --keep
+    ... stream_memory.py --data /tmp/stream-bench/ds3-train.h5 --sizes 5000 --workdir /tmp/stream-bench --keep
+
 The issue's check, 100,000 showers in at most 8 GB (the simulator takes about 0.05 s per
 dataset-3 shower on one core: about 1.5 hours for the file, 16 GB as float32):
 
@@ -60,11 +65,28 @@ def repeated(source: Path, target: Path, times: int) -> None:
                 w.append(energies, showers)
 
 
+def simulate(work: Path, n: int, repeat: int) -> Path:
+    """``work/ds3-train.h5``: n simulated dataset-3 showers (1 GeV..1 TeV), written ``repeat`` times over."""
+    simulated, data = work / "ds3-simulated.h5", work / "ds3-train.h5"
+    seconds, rss = run_measured(caloman("-q", "simulate", "--binning", "ds3", "--energies", "loguniform:1024:1048576",
+                                        "--count", str(n), "--seed", "1", "--out", str(simulated)))
+    print(json.dumps({"step": "simulate", "showers": n, "seconds": round(seconds, 1), "peak_rss_mib": round(rss)}),
+          flush=True)
+    if repeat > 1:
+        repeated(simulated, data, repeat)
+        simulated.unlink()
+    else:
+        simulated.rename(data)
+    return data
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--simulate", type=int, default=5000, help="dataset-3 showers to simulate")
     parser.add_argument("--repeat", type=int, default=1, help="write the simulated showers this many times over")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[5000, 20000], help="showers to train on")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[5000, 20000], help="showers to train on")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="train on this dataset-3 file instead of simulating one (steps run as separate jobs)")
     parser.add_argument("--chunk", type=int, default=1024, help="--stream-chunk-showers")
     parser.add_argument("--workdir", type=Path, default=None, help="work folder (default: a new /tmp/stream-bench-*)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
@@ -72,17 +94,7 @@ def main() -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="stream-bench-", dir="/tmp"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        simulated = work / "ds3-simulated.h5"
-        seconds, rss = run_measured(caloman("-q", "simulate", "--binning", "ds3", "--energies",
-                                            "loguniform:1024:1048576", "--count", str(args.simulate), "--seed", "1",
-                                            "--out", str(simulated)))
-        print(json.dumps({"step": "simulate", "showers": args.simulate, "seconds": round(seconds, 1),
-                          "peak_rss_mib": round(rss)}), flush=True)
-        data = simulated
-        if args.repeat > 1:
-            data = work / "ds3-train.h5"
-            repeated(simulated, data, args.repeat)
-            simulated.unlink()
+        data = args.data or simulate(work, args.simulate, args.repeat)
         config = work / "stream.toml"
         config.write_text("[training]\nepochs = 1\nnum_threads = 1\nstage_epochs = { layer_energy = 1 }\n"
                           f"stream_chunk_showers = {args.chunk}\n")

@@ -41,6 +41,17 @@ def _caloman(**overrides):
     return build_model("caloman", load_binning("ds1-photons"), profile="quick", overrides={**TINY, **overrides})
 
 
+def _ds1_showers(seed, n=250):
+    """Incident energies (n,) 256 MeV..4 TeV and gamma-distributed dataset-1 photon showers (n, 368) MeV."""
+    rng = np.random.default_rng(seed)
+    e = np.exp(rng.uniform(np.log(256), np.log(4e6), n))
+    return e, (rng.gamma(0.3, 1.0, (n, 368)) * e[:, None] / 300).astype(np.float32)
+
+
+def _in_chunks(e, x, size=60):
+    return lambda: ((e[i:i + size], x[i:i + size]) for i in range(0, len(e), size))
+
+
 # -- the option ------------------------------------------------------------------------------
 @pytest.mark.parametrize("value", [-1, 16, True, 2.5])
 def test_bad_stream_chunk_showers_is_a_config_error(value):
@@ -83,9 +94,7 @@ def test_streamed_split_reads_the_rows_the_in_memory_split_holds(tmp_path):
 @pytest.mark.parametrize("name", ["per-layer", "paper"])
 def test_preprocessing_fitted_chunk_by_chunk_equals_the_whole_fit(name):
     binning = load_binning("ds1-photons")
-    rng = np.random.default_rng(3)
-    e = np.exp(rng.uniform(np.log(256), np.log(4e6), 250))
-    x = (rng.gamma(0.3, 1.0, (250, binning.n_voxels)) * e[:, None] / 300).astype(np.float32)
+    e, x = _ds1_showers(3)
     whole = make_preprocessing(name, binning).fit(e, x).state()
     pipeline = make_preprocessing(name, binning)
     for start in range(0, 250, 60):
@@ -97,20 +106,17 @@ def test_preprocessing_fitted_chunk_by_chunk_equals_the_whole_fit(name):
     memory, streamed = _caloman(preprocessing=name, reconstruction_loss="mse"), _caloman(preprocessing=name,
                                                                                         reconstruction_loss="mse")
     memory.fit_preprocessing(e, x)
-    streamed.fit_preprocessing_chunks(lambda: ((e[i:i + 60], x[i:i + 60]) for i in range(0, 250, 60)))
+    streamed.fit_preprocessing_chunks(_in_chunks(e, x))
     for key, value in memory.state_dict().items():
         assert torch.equal(streamed.state_dict()[key], value), key
 
 
 @pytest.mark.parametrize("kind", ["caloflow", "ambient-flow"])
 def test_other_models_fit_their_preprocessing_chunk_by_chunk_as_a_whole(kind):
-    binning = load_binning("ds1-photons")
-    rng = np.random.default_rng(4)
-    e = np.exp(rng.uniform(np.log(256), np.log(4e6), 250))
-    x = (rng.gamma(0.3, 1.0, (250, binning.n_voxels)) * e[:, None] / 300).astype(np.float32)
-    whole, chunked = (build_model(kind, binning, profile="quick") for _ in range(2))
+    e, x = _ds1_showers(4)
+    whole, chunked = (build_model(kind, load_binning("ds1-photons"), profile="quick") for _ in range(2))
     whole.fit_preprocessing(e, x)
-    chunked.fit_preprocessing_chunks(lambda: ((e[i:i + 60], x[i:i + 60]) for i in range(0, 250, 60)))
+    chunked.fit_preprocessing_chunks(_in_chunks(e, x))
     fitted = dict(chunked.named_buffers())
     for key, value in whole.named_buffers():  # the fitted constants (weights are random)
         torch.testing.assert_close(fitted[key], value, rtol=1e-12, atol=0, msg=key)
