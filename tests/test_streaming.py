@@ -269,3 +269,14 @@ def test_two_processes_train_streamed_and_the_run_generates(tmp_path):
     load_run(run)
     assert main(["-q", "generate", str(run), "--energy", "10 GeV", "--count", "5", "--out",
                  str(tmp_path / "gen.h5")]) == 0
+
+
+def test_every_nth_regroups_a_strided_pass_like_slicing_all_showers():
+    from caloman.models.caloman import _every_nth, _tensor_chunks
+
+    e = torch.arange(103.0)
+    x = torch.stack([e, -e], dim=1)
+    pieces = list(_every_nth(_tensor_chunks(e, x, 17), 3, 10))
+    assert [len(p[0]) for p in pieces] == [10, 10, 10, 5]
+    assert torch.equal(torch.cat([p[0] for p in pieces]), e[::3])
+    assert torch.equal(torch.cat([p[1] for p in pieces]), x[::3])

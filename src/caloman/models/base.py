@@ -42,8 +42,8 @@ class Stage:
 
     ``make_data(incident_energies, showers)`` maps physical inputs, incident
     energies (n,) and showers (n, n_voxels) in MeV as float32 tensors, to the
-    tuple of tensors the stage trains on (first dimension n). It is called once
-    for the training split first and then for the validation split, after
+    tuple of tensors the stage trains on (first dimension n). In memory it is called
+    once for the training split first and then for the validation split, after
     all earlier stages are trained, under ``torch.no_grad()`` with the model in
     eval mode; it must depend only on earlier stages (resuming calls it again),
     and a model may fit constants on its first (training-split) call.

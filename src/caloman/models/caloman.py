@@ -146,11 +146,18 @@ def _every_nth(chunks: TensorChunks, stride: int, size: int) -> Iterator[tuple[T
         held.append((incident_energies[first::stride], showers[first::stride]))
         n_held += len(held[-1][1])
         while n_held >= size:
-            e, x = held[0] if len(held) == 1 else (torch.cat([h[0] for h in held]), torch.cat([h[1] for h in held]))
+            e, x = _joined(held)
             yield e[:size], x[:size]
             held, n_held = [(e[size:], x[size:])], n_held - size
     if n_held:
-        yield held[0] if len(held) == 1 else (torch.cat([h[0] for h in held]), torch.cat([h[1] for h in held]))
+        yield _joined(held)
+
+
+def _joined(parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """(incident energies, showers) parts as one pair (no copy for a single part)."""
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 @dataclass(frozen=True)
