@@ -15,8 +15,8 @@ or step by step (``--keep`` the work folder, then ``--data`` its file):
     ... stream_memory.py --simulate 5000 --repeat 4 --sizes --workdir /tmp/stream-bench --keep
     ... stream_memory.py --data /tmp/stream-bench/ds3-train.h5 --sizes 5000 --workdir /tmp/stream-bench --keep
 
-The issue's check, 100,000 showers in at most 8 GB (the simulator takes about 0.05 s per
-dataset-3 shower on one core: about 1.5 hours for the file, 16 GB as float32):
+The issue's check, 100,000 showers in at most 8 GB (the simulator took 85 ms per dataset-3
+shower on a shared core on 2026-12-07: about 2.5 hours for the file, 16 GB as float32):
 
     nice -n 10 .venv/bin/python scripts/stream_memory.py --simulate 100000 --sizes 100000
 
