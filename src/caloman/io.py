@@ -128,6 +128,26 @@ class ShowerFile:
         check_voxel_energies(block, where=f"{self.path}", offset=start)
         return self.incident_energies[start:stop], block
 
+    def read_rows(self, rows: np.ndarray, *, span: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Incident energies (n,) and showers (n, n_voxels) of the sorted file ``rows``, validated,
+        read as contiguous stretches of at most ``span`` rows (default :func:`default_chunk_size`)
+        so memory holds the result and one stretch."""
+        rows = np.asarray(rows, dtype=np.int64)
+        span = span or default_chunk_size(self.n_voxels)
+        energies, showers = [], []
+        i = 0
+        while i < len(rows):
+            start = int(rows[i])
+            stop = min(start + span, int(rows[-1]) + 1)
+            j = int(np.searchsorted(rows, stop))
+            e, x = self.read(start, stop)
+            energies.append(e[rows[i:j] - start])
+            showers.append(x[rows[i:j] - start])
+            i = j
+        if len(showers) <= 1:
+            return (energies[0], showers[0]) if showers else (np.zeros(0), np.zeros((0, self.n_voxels), np.float32))
+        return np.concatenate(energies), np.concatenate(showers)
+
     def iter_chunks(self, chunk_size: int | None = None, *, stop: int | None = None
                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield (incident_energies, showers) chunks in file order."""

@@ -121,11 +121,21 @@ class IncidentEnergyScaling:
     def __init__(self, log_min: Any = 0.0, log_max: Any = 1.0) -> None:
         self.log_min = _scalar(log_min)
         self.log_max = _scalar(log_max)
+        self._fitted = False  # partial_fit has seen energies: it extends the range from now on
 
     def fit(self, incident_energies: np.ndarray) -> IncidentEnergyScaling:
+        self._fitted = False
+        return self.partial_fit(incident_energies)
+
+    def partial_fit(self, incident_energies: np.ndarray) -> IncidentEnergyScaling:
+        """Extend the fitted range by more incident energies (n,) MeV: chunk by chunk over a
+        file it ends where :meth:`fit` on the whole file does (a minimum and a maximum)."""
         e = np.asarray(incident_energies, dtype=np.float64).reshape(-1)
         _check_positive_energies(e)
-        self.log_min, self.log_max = float(np.log(e.min())), float(np.log(e.max()))
+        low, high = float(np.log(e.min())), float(np.log(e.max()))
+        if self._fitted:
+            low, high = min(self.log_min, low), max(self.log_max, high)
+        self.log_min, self.log_max, self._fitted = low, high, True
         return self
 
     @property
@@ -159,12 +169,20 @@ class PaperScaling:
 
     def __init__(self, r_max: Any = 1.0) -> None:
         self.r_max = _scalar(r_max)
+        self._largest = -np.inf  # largest E_dep / E_inc seen by partial_fit
 
     def fit(self, incident_energies: np.ndarray, showers: np.ndarray) -> PaperScaling:
+        self._largest = -np.inf
+        return self.partial_fit(incident_energies, showers)
+
+    def partial_fit(self, incident_energies: np.ndarray, showers: np.ndarray) -> PaperScaling:
+        """Take more showers into r_max (a maximum: chunk by chunk equals :meth:`fit`)."""
         e = np.asarray(incident_energies, dtype=np.float64).reshape(-1)
         _check_positive_energies(e)
         ratio = np.asarray(showers).sum(axis=1, dtype=np.float64) / e
-        self.r_max = float(ratio.max()) if ratio.size and ratio.max() > 0 else 1.0
+        if ratio.size:
+            self._largest = max(self._largest, float(ratio.max()))
+        self.r_max = self._largest if self._largest > 0 else 1.0
         return self
 
     def forward(self, incident_energies: Array, showers: Array) -> Array:
@@ -266,12 +284,20 @@ class LayerEnergyEncoding:
     def __init__(self, u0_scale: Any = 1.0, alpha: float = LOGIT_ALPHA) -> None:
         self.u0_scale = _scalar(u0_scale)
         self.alpha = alpha
+        self._largest = 1.0  # largest E_dep / E_inc seen by partial_fit, at least 1
 
     def fit(self, incident_energies: np.ndarray, layer_energies: np.ndarray) -> LayerEnergyEncoding:
+        self._largest = 1.0
+        return self.partial_fit(incident_energies, layer_energies)
+
+    def partial_fit(self, incident_energies: np.ndarray, layer_energies: np.ndarray) -> LayerEnergyEncoding:
+        """Take more showers into s (a maximum: chunk by chunk equals :meth:`fit`)."""
         e = np.asarray(incident_energies, dtype=np.float64).reshape(-1)
         _check_positive_energies(e)
         ratio = np.asarray(layer_energies, dtype=np.float64).sum(axis=1) / e
-        self.u0_scale = max(1.0, float(ratio.max()) if ratio.size else 1.0)
+        if ratio.size:
+            self._largest = max(self._largest, float(ratio.max()))
+        self.u0_scale = self._largest
         return self
 
     def to_fractions(self, incident_energies: Array, layer_energies: Array) -> Array:
@@ -327,8 +353,14 @@ class PaperPreprocessing:
         return self.n_voxels + 1
 
     def fit(self, incident_energies: np.ndarray, showers: np.ndarray) -> PaperPreprocessing:
-        self.incident.fit(incident_energies)
-        self.voxels.fit(incident_energies, showers)
+        self.incident, self.voxels = IncidentEnergyScaling(), PaperScaling()
+        return self.partial_fit(incident_energies, showers)
+
+    def partial_fit(self, incident_energies: np.ndarray, showers: np.ndarray) -> PaperPreprocessing:
+        """Fit on one more chunk of showers; over all chunks of a file the constants equal
+        :meth:`fit` on the whole file (they are minima and maxima)."""
+        self.incident.partial_fit(incident_energies)
+        self.voxels.partial_fit(incident_energies, showers)
         return self
 
     def forward(self, incident_energies: Array, showers: Array) -> Array:
@@ -369,10 +401,16 @@ class PerLayerPreprocessing:
         return self.n_voxels + self.n_layers
 
     def fit(self, incident_energies: np.ndarray, showers: np.ndarray) -> PerLayerPreprocessing:
-        self.incident.fit(incident_energies)
+        self.incident, self.energies = IncidentEnergyScaling(), LayerEnergyEncoding()
+        return self.partial_fit(incident_energies, showers)
+
+    def partial_fit(self, incident_energies: np.ndarray, showers: np.ndarray) -> PerLayerPreprocessing:
+        """Fit on one more chunk of showers; over all chunks of a file the constants equal
+        :meth:`fit` on the whole file (they are minima and maxima)."""
+        self.incident.partial_fit(incident_energies)
         showers = np.asarray(showers)
         layer_energies = np.stack([showers[:, s].sum(axis=1, dtype=np.float64) for s in self.layers.slices], axis=1)
-        self.energies.fit(incident_energies, layer_energies)
+        self.energies.partial_fit(incident_energies, layer_energies)
         return self
 
     def forward(self, incident_energies: Array, showers: Array) -> Array:

@@ -44,7 +44,8 @@ from caloman.errors import ConfigError, RunDirectoryError, TrainingDivergedError
 from caloman.io import atomic_path
 from caloman.models.base import ShowerModel, Stage
 from caloman.progress import ProgressBar
-from caloman.training_data import SplitData, data_fingerprint, split_in_memory, split_indices
+from caloman.stage_data import CachedStageData, StageData, StreamedStageData
+from caloman.training_data import TrainingShowers, data_fingerprint, iter_chunks, split_in_memory, split_indices
 
 __all__ = ["TrainingConfig", "TrainingHistory", "StageHistory", "EpochRecord", "train_model", "train_split",
            "seed_everything", "learning_rate_at", "split_indices", "data_fingerprint"]
@@ -99,6 +100,9 @@ class TrainingConfig:
     num_threads: int | None = None
     #: "cpu", "cuda", "cuda:1", ... or "auto" (cuda when available)
     device: str = "cpu"
+    #: 0: hold the showers and each stage's tensors in memory; N: stream them in chunks of N
+    #: showers, in bounded memory (docs/training-and-generation.md, "Streamed training")
+    stream_chunk_showers: int = 0
     stage_epochs: dict[str, int] = field(default_factory=dict)
     stage_learning_rates: dict[str, float] = field(default_factory=dict)
 
@@ -126,6 +130,10 @@ class TrainingConfig:
             problems.append(f"num_threads must be >= 1, got {self.num_threads}")
         if not (self.device in ("cpu", "auto") or self.device.startswith("cuda")):
             problems.append(f"device must be 'cpu', 'cuda[:N]' or 'auto', got {self.device!r}")
+        if isinstance(self.stream_chunk_showers, bool) or not isinstance(self.stream_chunk_showers, int) or not (
+                self.stream_chunk_showers == 0 or self.stream_chunk_showers >= self.batch_size):
+            problems.append(f"stream_chunk_showers must be 0 (in memory) or a whole number of showers >= batch_size "
+                            f"({self.batch_size}), got {self.stream_chunk_showers!r}")
         if any(n < 1 for n in self.stage_epochs.values()):
             problems.append(f"stage_epochs must all be >= 1, got {self.stage_epochs}")
         if any(not lr > 0 for lr in self.stage_learning_rates.values()):
@@ -537,7 +545,7 @@ class _Session:
     """What every step of one training run shares."""
 
     model: ShowerModel
-    data: SplitData
+    data: TrainingShowers
     config: TrainingConfig
     run_dir: Path
     device: torch.device
@@ -553,7 +561,7 @@ class _Session:
         return self.distributed.rank if self.distributed is not None else 0
 
 
-def train_split(model: ShowerModel, data: SplitData, config: TrainingConfig, run_dir: str | Path, *,
+def train_split(model: ShowerModel, data: TrainingShowers, config: TrainingConfig, run_dir: str | Path, *,
                 resume: bool = False, on_epoch_end: EpochCallback | None = None,
                 distributed: Distributed | None = None) -> TrainingHistory:
     """:func:`train_model` on showers already chosen and split
@@ -565,6 +573,12 @@ def train_split(model: ShowerModel, data: SplitData, config: TrainingConfig, run
     DistributedDataParallel copy of its module (the global batch is
     ``world_size * batch_size``), losses are averaged over all ranks, and rank 0
     alone writes checkpoints, which hold every rank's RNG states.
+
+    With ``config.stream_chunk_showers`` N > 0 the preprocessing is fitted in one pass
+    over chunks of N training showers (``model.fit_preprocessing_chunks``) and every stage
+    whose training split is larger than N is trained on chunks built per epoch
+    (:class:`caloman.stage_data.StreamedStageData`); ``data`` may then be a
+    :class:`~caloman.training_data.StreamedSplit` that holds no showers.
     """
     run_dir = Path(run_dir)
     checkpointer = _Checkpointer(run_dir)
@@ -584,7 +598,10 @@ def train_split(model: ShowerModel, data: SplitData, config: TrainingConfig, run
         t0 = time.perf_counter()
         # also when resuming (the checkpoint's weights then overwrite the fitted buffers), in case a
         # model keeps anything outside its state_dict
-        model.fit_preprocessing(data.incident_energies[data.train_idx], data.showers[data.train_idx])
+        if config.stream_chunk_showers:
+            model.fit_preprocessing_chunks(lambda: iter_chunks(data, data.train_idx, config.stream_chunk_showers))
+        else:
+            model.fit_preprocessing(*data.read(data.train_idx))
         n_train, n_val = len(data.train_idx), len(data.val_idx)
         if distributed is not None:  # one model: rank 0's constants, the whole run's energy range
             distributed.broadcast_state(model)
@@ -635,7 +652,9 @@ def _rank_entry(record: dict[str, Any], key: str, rank: int) -> Any:
 def _restore(checkpointer: _Checkpointer, model: ShowerModel, config: TrainingConfig, info: dict[str, Any],
              device: torch.device) -> dict[str, Any]:
     record, tensors, best = checkpointer.read()
-    stored = record.get("training", {})
+    # a setting added since the checkpoint was written counts as its default
+    stored = {**{f.name: f.default for f in dataclasses.fields(TrainingConfig) if f.default is not dataclasses.MISSING},
+              **record.get("training", {})}
     changed = sorted(k for k in set(stored) | set(info["training"])
                      if stored.get(k) != info["training"].get(k) and k not in RESUMABLE_CHANGES)
     if changed:
@@ -672,13 +691,6 @@ def _batches(tensors: tuple[Tensor, ...], order: Tensor, batch_size: int) -> Ite
         yield tuple(t[idx] for t in tensors)
 
 
-def _check_stage_data(stage: Stage, data: tuple[Tensor, ...], n: int) -> None:
-    if not isinstance(data, tuple) or not data or any(len(t) != n for t in data):
-        shapes = [tuple(t.shape) for t in data] if isinstance(data, tuple) else type(data).__name__
-        raise ConfigError(f"stage '{stage.name}': make_data must return a non-empty tuple of tensors whose first "
-                          f"dimension is the number of showers ({n}); got {shapes}")
-
-
 def _train_stage(session: _Session, stage: Stage, checkpoint: dict[str, Any] | None,
                  stage_start_rng: dict[str, Any]) -> None:
     """Build the stage's data, train its module epoch by epoch, keep its best epoch."""
@@ -702,26 +714,17 @@ def _train_stage(session: _Session, stage: Stage, checkpoint: dict[str, Any] | N
     _finish_stage(session, stage, best, n_epochs, t_stage)
 
 
-def _stage_data(session: _Session, stage: Stage, stage_start_rng: dict[str, Any]) -> dict[str, tuple[Tensor, ...]]:
-    """The stage's training and validation tensors, built from the stage's starting RNG state
-    (make_data may draw random numbers; also when resuming)."""
+def _stage_data(session: _Session, stage: Stage, stage_start_rng: dict[str, Any]) -> StageData:
+    """The stage's training and validation tensors, built in memory or streamed per chunk
+    (when the training split exceeds one chunk), from the stage's starting RNG state
+    (make_data and stage.fit may draw random numbers; also when resuming)."""
     _set_rng_state(stage_start_rng, session.device)
-    session.model.eval()
-    with torch.no_grad():
-        data = {"train": _make_split_data(session, stage, session.data.train_idx)}
-        if session.distributed is not None and session.distributed.broadcast_buffers(session.model):
-            # make_data fitted constants on this rank's share: take rank 0's and build again with them
-            data["train"] = _make_split_data(session, stage, session.data.train_idx)
-        data["val"] = _make_split_data(session, stage, session.data.val_idx)
-    return data
-
-
-def _make_split_data(session: _Session, stage: Stage, idx: np.ndarray) -> tuple[Tensor, ...]:
-    e = torch.as_tensor(session.data.incident_energies[idx], dtype=torch.float32, device=session.device)
-    x = torch.as_tensor(np.asarray(session.data.showers[idx]), dtype=torch.float32, device=session.device)
-    data = stage.make_data(e, x)
-    _check_stage_data(stage, data, len(idx))
-    return data
+    chunk = session.config.stream_chunk_showers
+    if not chunk or len(session.data.train_idx) <= chunk:
+        return CachedStageData(session.model, stage, session.data, session.device, session.distributed)
+    key = [session.config.seed, 3, session.progress.stage_index] + ([session.rank] if session.rank else [])
+    return StreamedStageData(session.model, stage, session.data, session.device, session.distributed,
+                             chunk_showers=chunk, fit=session.progress.next_epoch == 0, val_seed=key)
 
 
 def _stage_optimizer(session: _Session, stage: Stage, params: list[torch.nn.Parameter],
@@ -743,7 +746,7 @@ def _stage_optimizer(session: _Session, stage: Stage, params: list[torch.nn.Para
     return optimizer, best
 
 
-def _epoch(session: _Session, stage: Stage, data: dict[str, tuple[Tensor, ...]], optimizer: torch.optim.Optimizer,
+def _epoch(session: _Session, stage: Stage, data: StageData, optimizer: torch.optim.Optimizer,
            params: list[torch.nn.Parameter], loss_fn: Callable[[tuple[Tensor, ...]], Tensor],
            best: dict[str, Tensor] | None, stage_start_rng: dict[str, Any], t_stage: float
            ) -> tuple[float, dict[str, Tensor] | None]:
@@ -757,10 +760,8 @@ def _epoch(session: _Session, stage: Stage, data: dict[str, tuple[Tensor, ...]],
     for group in optimizer.param_groups:
         group["lr"] = lr
     key = [config.seed, progress.stage_index, epoch] + ([session.rank] if session.rank else [])
-    n_train = len(data["train"][0])
-    order = torch.as_tensor(np.random.default_rng(key).permutation(n_train), device=data["train"][0].device)
-    train_loss = _train_batches(session, stage, data["train"], order, optimizer, params, loss_fn, lr)
-    val_loss = _evaluate(stage, data["val"], config.batch_size, session.distributed)
+    train_loss = _train_batches(session, stage, data, key, optimizer, params, loss_fn, lr)
+    val_loss = _evaluate(stage, data.val_chunks(), config.batch_size, session.distributed)
     if not math.isfinite(val_loss):
         _diverged(stage.name, epoch, n_epochs, f"validation loss is {val_loss}", lr, progress, session.run_dir)
     record = EpochRecord(epoch=epoch + 1, train_loss=train_loss, val_loss=val_loss, learning_rate=lr,
@@ -784,35 +785,39 @@ def _epoch(session: _Session, stage: Stage, data: dict[str, tuple[Tensor, ...]],
     return now, best
 
 
-def _train_batches(session: _Session, stage: Stage, tensors: tuple[Tensor, ...], order: Tensor,
+def _train_batches(session: _Session, stage: Stage, data: StageData, key: list[int],
                    optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
                    loss_fn: Callable[[tuple[Tensor, ...]], Tensor], lr: float) -> float:
-    """One pass over the training tensors in ``order``; the mean training loss (over all ranks)."""
+    """One pass over the training chunks of ``data`` in the epoch's order (seeded by ``key``);
+    the mean training loss (over all ranks)."""
     config, progress = session.config, session.progress
     epoch, n_epochs = progress.next_epoch, config.epochs_for(stage.name)
-    n_batches = math.ceil(len(order) / config.batch_size)
+    n_batches = data.n_batches(config.batch_size)
     _begin_epoch(stage, epoch)
-    stage.module.train()
-    total, seen = 0.0, 0
+    total, seen, b = 0.0, 0, 0
     with ProgressBar(n_batches, desc=f"{stage.name} {epoch + 1}/{n_epochs}", unit="batch") as bar:
-        for b, batch in enumerate(_batches(tensors, order, config.batch_size)):
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(batch)
-            if not torch.isfinite(loss):
-                _diverged(stage.name, epoch, n_epochs, f"loss is {loss.item()} at batch {b + 1}/{n_batches}",
-                          lr, progress, session.run_dir)
-            loss.backward()
-            if config.grad_clip_norm:
-                norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip_norm, foreach=True)
-                if not torch.isfinite(norm):
-                    _diverged(stage.name, epoch, n_epochs, f"gradient norm is {norm.item()} at batch "
-                              f"{b + 1}/{n_batches}", lr, progress, session.run_dir)
-            optimizer.step()
-            n = len(batch[0])
-            total += loss.item() * n
-            seen += n
-            bar.update()
-            bar.set_postfix(loss=f"{total / seen:.4g}")
+        for tensors, order in data.train_chunks(key):
+            stage.module.train()  # after the chunk was built in eval mode
+            for batch in _batches(tensors, order, config.batch_size):
+                b += 1
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_fn(batch)
+                if not torch.isfinite(loss):
+                    _diverged(stage.name, epoch, n_epochs, f"loss is {loss.item()} at batch {b}/{n_batches}",
+                              lr, progress, session.run_dir)
+                loss.backward()
+                if config.grad_clip_norm:
+                    norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip_norm, foreach=True)
+                    if not torch.isfinite(norm):
+                        _diverged(stage.name, epoch, n_epochs, f"gradient norm is {norm.item()} at batch "
+                                  f"{b}/{n_batches}", lr, progress, session.run_dir)
+                optimizer.step()
+                n = len(batch[0])
+                total += loss.item() * n
+                seen += n
+                bar.update()
+                bar.set_postfix(loss=f"{total / seen:.4g}")
+            del tensors, order  # free the chunk before the next one is built
     if session.distributed is not None:
         total, seen = session.distributed.sum(total, seen)
     return total / seen
@@ -856,17 +861,20 @@ def _begin_epoch(stage: Stage, epoch: int) -> None:
         stage.begin_epoch(epoch)
 
 
-def _evaluate(stage: Stage, tensors: tuple[Tensor, ...], batch_size: int,
+def _evaluate(stage: Stage, chunks: Iterator[tuple[Tensor, ...]], batch_size: int,
               distributed: Distributed | None = None) -> float:
-    """Mean validation loss with the stage's module in eval mode (over all ranks)."""
-    stage.module.eval()
+    """Mean validation loss over the validation chunks with the stage's module in eval mode
+    (over all ranks)."""
     total, seen = 0.0, 0
-    order = torch.arange(len(tensors[0]), device=tensors[0].device)
-    with torch.no_grad():
-        for batch in _batches(tensors, order, batch_size):
-            n = len(batch[0])
-            total += stage.loss(batch).item() * n
-            seen += n
+    for tensors in chunks:
+        stage.module.eval()
+        order = torch.arange(len(tensors[0]), device=tensors[0].device)
+        with torch.no_grad():
+            for batch in _batches(tensors, order, batch_size):
+                n = len(batch[0])
+                total += stage.loss(batch).item() * n
+                seen += n
+        del tensors, order
     if distributed is not None:
         total, seen = distributed.sum(total, seen)
     return total / seen

@@ -7,14 +7,20 @@ showers aside. :class:`SplitData` is what one process trains on: its showers and
 the positions of its training and validation rows. In a data-parallel run
 (:mod:`caloman.distributed`) each rank reads only its own share of the split
 from the file.
+
+With ``TrainingConfig.stream_chunk_showers`` the showers stay in the file:
+:class:`StreamedSplit` holds only the row numbers and reads chunks of them when
+training asks (:meth:`StreamedSplit.read`), so memory does not grow with the
+number of showers. Both kinds give the same rows, split and fingerprint.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -41,6 +47,44 @@ class SplitData:
     n_showers: int
     fingerprint: str
 
+    def read(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Incident energies (n,) and showers (n, n_voxels) of rows ``positions`` (sorted)."""
+        return self.incident_energies[positions], np.asarray(self.showers[positions])
+
+
+@dataclass(frozen=True)
+class StreamedSplit:
+    """This process's showers left in the CaloChallenge file ``path``: its file rows
+    ``rows`` (sorted), the positions ``train_idx`` / ``val_idx`` of its training and
+    validation rows among them, ``n_showers`` and ``fingerprint`` as in :class:`SplitData`.
+    :meth:`read` reads a chunk of them."""
+
+    path: Path
+    binning: Binning
+    rows: np.ndarray
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    n_showers: int
+    fingerprint: str
+    #: showers per contiguous stretch read from the file
+    span: int
+
+    def read(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Incident energies (n,) MeV and showers (n, n_voxels) MeV of rows ``positions`` (sorted),
+        validated as they are read."""
+        with ShowerFile(self.path, self.binning, check_values=False) as f:
+            return f.read_rows(self.rows[positions], span=self.span)
+
+
+#: What training reads its showers from.
+TrainingShowers = SplitData | StreamedSplit
+
+
+def iter_chunks(data: TrainingShowers, positions: np.ndarray, size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``data``'s rows ``positions`` (sorted) read ``size`` at a time, in order."""
+    for start in range(0, len(positions), size):
+        yield data.read(positions[start:start + size])
+
 
 def split_indices(n_showers: int, validation_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded train/validation split of ``n_showers`` rows.
@@ -55,10 +99,11 @@ def split_indices(n_showers: int, validation_fraction: float, seed: int) -> tupl
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
-def data_fingerprint(incident_energies: np.ndarray, showers: np.ndarray) -> str:
+def data_fingerprint(incident_energies: np.ndarray, showers: Any) -> str:
     """SHA-256 of the incident energies, the shower array's shape and up to
     1024 evenly spaced showers: cheap, and enough to notice a different file
-    or a different ``max_showers`` on resume."""
+    or a different ``max_showers`` on resume. ``showers``: an array, or anything
+    with ``shape`` whose ``[rows]`` reads those rows (:class:`_FileRows`)."""
     h = hashlib.sha256()
     h.update(np.ascontiguousarray(incident_energies, dtype=np.float64).tobytes())
     h.update(repr(tuple(showers.shape)).encode())
@@ -108,10 +153,34 @@ def rank_rows(n_file: int, config: TrainingConfig, rank: int, world_size: int
     return rows, np.searchsorted(rows, mine_train), np.searchsorted(rows, mine_val), len(used)
 
 
+@dataclass(frozen=True)
+class _FileRows:
+    """File rows ``rows`` of ``path`` as a read-only array of showers for :func:`data_fingerprint`."""
+
+    path: Path
+    binning: Binning
+    rows: np.ndarray
+    n_voxels: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.rows), self.n_voxels
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, positions: np.ndarray) -> np.ndarray:
+        with ShowerFile(self.path, self.binning, check_values=False) as f:  # few rows far apart: one at a time
+            return f.read_rows(self.rows[positions], span=1)[1]
+
+
 def load_training_data(path: str | Path, binning: Binning | str | Path, config: TrainingConfig,
-                       distributed: Distributed | None = None) -> SplitData:
+                       distributed: Distributed | None = None) -> TrainingShowers:
     """Read the run's showers from a CaloChallenge file and split them; in a
-    data-parallel run only this rank's share (:func:`rank_rows`) is read."""
+    data-parallel run only this rank's share (:func:`rank_rows`) is read. With
+    ``config.stream_chunk_showers`` nothing is read yet: a :class:`StreamedSplit`."""
+    if config.stream_chunk_showers:
+        return _streamed_split(Path(path), binning, config, distributed)
     if distributed is None:
         incident_energies, showers = load_showers(path, binning, max_showers=config.max_showers,
                                                   subset_seed=subset_seed(config.seed))
@@ -123,3 +192,22 @@ def load_training_data(path: str | Path, binning: Binning | str | Path, config: 
     prints = distributed.gather(data_fingerprint(incident_energies, showers))
     fingerprint = hashlib.sha256("".join(prints).encode()).hexdigest()
     return SplitData(incident_energies, showers, train_idx, val_idx, n_used, fingerprint)
+
+
+def _streamed_split(path: Path, binning: Binning | str | Path, config: TrainingConfig,
+                    distributed: Distributed | None) -> StreamedSplit:
+    """The rows :func:`load_training_data` would read, left in the file."""
+    with ShowerFile(path, binning, check_values=False) as f:
+        binning, n_file, n_voxels, energies = f.binning, f.n_showers, f.n_voxels, f.incident_energies
+    if distributed is None:
+        rows = np.arange(n_file) if config.max_showers is None else subset_rows(n_file, config.max_showers,
+                                                                                 subset_seed(config.seed))
+        train_idx, val_idx = split_indices(len(rows), config.validation_fraction, config.seed)
+        n_used = len(rows)
+    else:
+        rows, train_idx, val_idx, n_used = rank_rows(n_file, config, distributed.rank, distributed.world_size)
+    fingerprint = data_fingerprint(energies[rows], _FileRows(path, binning, rows, n_voxels))
+    if distributed is not None:
+        fingerprint = hashlib.sha256("".join(distributed.gather(fingerprint)).encode()).hexdigest()
+    return StreamedSplit(path, binning, rows, train_idx, val_idx, n_used, fingerprint,
+                         span=config.stream_chunk_showers)

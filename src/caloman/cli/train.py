@@ -59,6 +59,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--seed", type=int, help="seed of the split, initial weights and batches")
     parser.add_argument("--max-showers", type=int, metavar="N",
                         help="train on N showers of FILE drawn at random with the seed")
+    parser.add_argument("--stream-chunk-showers", type=int, metavar="N",
+                        help="stream the showers from FILE in shuffled chunks of N (at least the batch size) in "
+                             "bounded memory, instead of holding them all (0, the default)")
     latent = parser.add_mutually_exclusive_group()
     latent.add_argument("--latent-dim", type=int, metavar="D", help="latent dimension (model option latent_dim)")
     latent.add_argument("--latent-dim-from", type=Path, metavar="DIMENSION.json",
@@ -88,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
         changed = [opt for opt, value in (("--profile", args.profile), ("--model-profile", args.model_profile),
                                           ("--config", args.config),
                                           ("--seed", args.seed), ("--max-showers", args.max_showers),
+                                          ("--stream-chunk-showers", args.stream_chunk_showers),
                                           ("--model-option", args.model_option),
                                           ("--latent-dim", args.latent_dim),
                                           ("--latent-dim-from", args.latent_dim_from)) if value is not None]
@@ -112,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         binning_name = resolve_binning(args.binning, args.file)
         file_config = load_config(args.config) if args.config is not None else ConfigFile(source="defaults")
-        cli = {k: v for k, v in (("seed", args.seed), ("max_showers", args.max_showers)) if v is not None}
+        cli = {k: v for k, v in (("seed", args.seed), ("max_showers", args.max_showers),
+                                 ("stream_chunk_showers", args.stream_chunk_showers)) if v is not None}
         profile = args.profile or "quick"
         kind = args.model or DEFAULT_MODEL
         options = _model_options(kind, args.model_option) if args.model_option else {}

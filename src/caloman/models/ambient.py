@@ -31,7 +31,7 @@ from torch import Tensor
 
 from caloman.errors import ConfigError
 from caloman.geometry import Binning
-from caloman.models.base import NoiseBlock, NoiseShape, ShowerModel, Stage
+from caloman.models.base import ArrayChunks, NoiseBlock, NoiseShape, ShowerModel, Stage
 from caloman.models.caloflow import (
     incident_condition,
     noise_level_mev,
@@ -146,25 +146,33 @@ class AmbientFlowModel(ShowerModel):
         return ratio.clamp_min(0) * incident_energies.reshape(-1, 1).double()
 
     def fit_preprocessing(self, incident_energies: np.ndarray, showers: np.ndarray) -> None:
-        incident = np.asarray(incident_energies, dtype=np.float64).reshape(-1)
+        self.fit_preprocessing_chunks(lambda: ((incident_energies[i:i + _CHUNK], showers[i:i + _CHUNK])
+                                               for i in range(0, len(incident_energies), _CHUNK)))
+
+    def fit_preprocessing_chunks(self, chunks: ArrayChunks) -> None:
+        """Feature means and spreads from sums, maxima and the energy range, chunk by chunk
+        (the voxel noise drawn from one seeded generator along the pass)."""
         generator = torch.Generator().manual_seed(_FIT_SEED)
         total = torch.zeros(self.n_voxels, dtype=torch.float64)
         square = torch.zeros(self.n_voxels, dtype=torch.float64)
         largest = torch.full((self.n_voxels,), -torch.inf, dtype=torch.float64)
-        for i in range(0, len(incident), _CHUNK):
-            x = self._clean(torch.as_tensor(np.asarray(showers[i:i + _CHUNK]), dtype=torch.float64))
+        n, low, high = 0, np.inf, -np.inf
+        for incident_energies, showers in chunks():
+            incident = np.asarray(incident_energies, dtype=np.float64).reshape(-1)
+            x = self._clean(torch.as_tensor(np.asarray(showers), dtype=torch.float64))
             noise = torch.rand(x.shape, generator=generator, dtype=torch.float64) if self.noise_mev > 0 else None
-            f = self.log_features(torch.as_tensor(incident[i:i + _CHUNK]), x, noise)
+            f = self.log_features(torch.as_tensor(incident), x, noise)
             total += f.sum(0)
             square += f.square().sum(0)
             largest = torch.maximum(largest, f.max(0).values)
-        mean = total / len(incident)
+            n, low, high = n + len(incident), min(low, float(incident.min())), max(high, float(incident.max()))
+        mean = total / n
         # A voxel that is always empty without noise has zero spread: keep it finite.
-        std = (square / len(incident) - mean.square()).clamp_min(0).sqrt().clamp_min(1e-3)
+        std = (square / n - mean.square()).clamp_min(0).sqrt().clamp_min(1e-3)
         self.feature_mean.copy_(mean)
         self.feature_std.copy_(std)
         self.log_ratio_max.copy_(largest)
-        self.energy_range.copy_(torch.tensor([incident.min(), incident.max()], dtype=torch.float64))
+        self.energy_range.copy_(torch.tensor([low, high], dtype=torch.float64))
 
     # -- training ----------------------------------------------------------------------------
     def stages(self) -> list[Stage]:

@@ -29,7 +29,7 @@ Optionally (``context > 0``) encoder and decoder also see a condition
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import ClassVar
 
 import torch
@@ -150,6 +150,10 @@ class Autoencoder(nn.Module):
         """Fit constants of the networks on the training split's encoder inputs (n, D), before
         the first epoch (called on every ``make_data`` call; the first is the training split).
         Nothing to fit for the MLP autoencoders."""
+
+    def fit_inputs_chunks(self, chunks: Callable[[], Iterator[Tensor]]) -> None:
+        """:meth:`fit_inputs` for streamed training: ``chunks()`` yields the training split's
+        encoder inputs (n, D) chunk by chunk. Nothing to fit for the MLP autoencoders."""
 
     @staticmethod
     def _encoder_outputs(latent_dim: int) -> int:

@@ -20,13 +20,20 @@ reproduce or steer a sample outside torch's generator use the map directly.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from caloman.errors import ConfigError
+
+#: A re-iterable source of showers: each call starts a new pass over (incident energies (n,),
+#: showers (n, n_voxels)) chunks in MeV (numpy arrays for preprocessing, tensors for stages).
+ArrayChunks = Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]
+TensorChunks = Callable[[], Iterator[tuple[Tensor, Tensor]]]
 
 
 @dataclass
@@ -35,8 +42,8 @@ class Stage:
 
     ``make_data(incident_energies, showers)`` maps physical inputs, incident
     energies (n,) and showers (n, n_voxels) in MeV as float32 tensors, to the
-    tuple of tensors the stage trains on (first dimension n). It is called once
-    for the training split first and then for the validation split, after
+    tuple of tensors the stage trains on (first dimension n). In memory it is called
+    once for the training split first and then for the validation split, after
     all earlier stages are trained, under ``torch.no_grad()`` with the model in
     eval mode; it must depend only on earlier stages (resuming calls it again),
     and a model may fit constants on its first (training-split) call.
@@ -48,6 +55,16 @@ class Stage:
     training epoch (also when resuming), for a stage whose epochs alternate between
     phases (the M-flow's M/D schedule); ``loss`` then follows the phase in training mode
     and gives one comparable validation loss in eval mode. Most stages leave it None.
+
+    Streamed training (``TrainingConfig.stream_chunk_showers``) never holds a split's
+    tensors at once: ``make_data`` is called per chunk of showers, every epoch (validation
+    chunks with a fixed seed). A stage with constants to fit sets ``fit(chunks)``, called
+    once before the stage's first epoch (not when resuming mid-stage), under
+    ``torch.no_grad()`` in eval mode, with ``chunks()`` yielding the training split as
+    (incident energies (n,), showers (n, n_voxels)) float32 tensors in MeV, a new pass per
+    call: it fits what the first ``make_data`` call fits in memory (from sums, or a seeded
+    subsample, in memory that does not grow with the number of showers) and leaves the
+    model so that ``make_data`` fits nothing more.
     """
 
     name: str
@@ -55,6 +72,7 @@ class Stage:
     make_data: Callable[[Tensor, Tensor], tuple[Tensor, ...]]
     loss: Callable[[tuple[Tensor, ...]], Tensor]
     begin_epoch: Callable[[int], None] | None = None
+    fit: Callable[[TensorChunks], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -133,6 +151,13 @@ class ShowerModel(nn.Module, ABC):
     def fit_preprocessing(self, incident_energies: np.ndarray, showers: np.ndarray) -> None:
         """Fit preprocessing constants on training showers (n,), (n, n_voxels) in MeV.
         Must also set ``energy_range``."""
+
+    def fit_preprocessing_chunks(self, chunks: ArrayChunks) -> None:
+        """:meth:`fit_preprocessing` from the training showers chunk by chunk (``chunks()``:
+        one pass, numpy (n,), (n, n_voxels) in MeV), for streamed training; a model that
+        can fit its constants so (sums, extremes, a seeded subsample) overrides this."""
+        raise ConfigError(f"model kind '{self.kind}' cannot train streamed (its preprocessing needs every shower at "
+                          "once); set stream_chunk_showers = 0 (--stream-chunk-showers 0) to train in memory")
 
     @abstractmethod
     def stages(self) -> list[Stage]:

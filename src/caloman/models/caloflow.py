@@ -54,7 +54,7 @@ from torch import Tensor, nn
 
 from caloman.errors import ConfigError
 from caloman.geometry import Binning
-from caloman.models.base import NoiseBlock, NoiseShape, ShowerModel, Stage
+from caloman.models.base import ArrayChunks, NoiseBlock, NoiseShape, ShowerModel, Stage
 from caloman.models.config import ModelConfig, check_flow_sizes
 from caloman.models.flows import ConditionalFlow, rqs_inverse
 from caloman.models.layer_energy import LOGIT_BOUND, LayerEnergyModel
@@ -259,12 +259,19 @@ class CaloFlowModel(ShowerModel):
         return LayerEnergyEncoding(self.energy_u0_scale)
 
     def fit_preprocessing(self, incident_energies: np.ndarray, showers: np.ndarray) -> None:
-        incident = np.asarray(incident_energies, dtype=np.float64).reshape(-1)
-        # Layer sums in float32 (relative error ~1e-6, enough for s) spare a float64 copy of every shower.
-        layer_energies = self.layers.layer_energies(self._clean(np.asarray(showers))).astype(np.float64)
-        encoding = LayerEnergyEncoding().fit(incident, layer_energies)
+        self.fit_preprocessing_chunks(lambda: iter([(incident_energies, showers)]))
+
+    def fit_preprocessing_chunks(self, chunks: ArrayChunks) -> None:
+        """s of the u-variables and the energy range: maxima and minima, exact chunk by chunk."""
+        encoding, low, high = LayerEnergyEncoding(), np.inf, -np.inf
+        for incident_energies, showers in chunks():
+            incident = np.asarray(incident_energies, dtype=np.float64).reshape(-1)
+            # Layer sums in float32 (relative error ~1e-6, enough for s) spare a float64 copy of every shower.
+            layer_energies = self.layers.layer_energies(self._clean(np.asarray(showers))).astype(np.float64)
+            encoding.partial_fit(incident, layer_energies)
+            low, high = min(low, float(incident.min())), max(high, float(incident.max()))
         self.energy_u0_scale.fill_(float(encoding.u0_scale))
-        self.energy_range.copy_(torch.tensor([incident.min(), incident.max()], dtype=torch.float64))
+        self.energy_range.copy_(torch.tensor([low, high], dtype=torch.float64))
 
     def shape_features(self, showers: Tensor, unit_noise: Tensor | None = None) -> Tensor:
         """Flow II's features (n, V): showers (n, V) in MeV plus the voxel noise (fresh, or

@@ -23,6 +23,7 @@ Training stages, in order: ``layer_energy`` (per-layer only), ``autoencoder``,
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +35,7 @@ from caloman.errors import ConfigError
 from caloman.geometry import Binning
 from caloman.models import spot_noise
 from caloman.models.autoencoders import AUTOENCODER_KINDS, RECONSTRUCTION_LOSSES, Autoencoder, build_autoencoder
-from caloman.models.base import NoiseBlock, NoiseShape, ShowerModel, Stage
+from caloman.models.base import ArrayChunks, NoiseBlock, NoiseShape, ShowerModel, Stage, TensorChunks
 from caloman.models.config import ModelConfig, check_flow_sizes
 from caloman.models.flows import HYPERNETS, ConditionalFlow
 from caloman.models.layer_energy import LOGIT_BOUND, LayerEnergyModel
@@ -62,8 +63,10 @@ PROFILES = ("quick", "full", "paper")
 
 #: Offset inside log(x + eps) for the "log" encoder input (shapes are fractions of a layer).
 _LOG_INPUT_EPS = 1e-6
-#: Showers per chunk when a stage's data is built from a whole split.
+#: Showers per chunk when a stage's data is built from a whole split, and the most voxel
+#: values per chunk (dataset 3: 414 showers; float64 work arrays of about 130 MB each).
 _CHUNK = 4096
+_CHUNK_VALUES = 2**24
 #: log10 of reconstructed voxel energy (MeV): bin edges of the voxel-noise fit.
 _QUANTA_BIN_EDGES = QUANTA_BIN_EDGES
 #: Sub-bins per bin of the spot-scale table over which the occupancy fit averages.
@@ -117,6 +120,44 @@ def fit_occupancy_quanta(counts: Tensor, mean_sums: Tensor, occupied: Tensor, fa
     quanta = quanta[usable]
     nearest = (torch.arange(n_bins)[:, None] - usable[None, :]).abs().argmin(dim=1)
     return quanta[nearest].to(torch.float32)
+
+
+def _tensor_chunks(incident_energies: Tensor, showers: Tensor, size: int) -> TensorChunks:
+    """Showers held in memory, (n,), (n, V), as a chunk source of ``size`` showers per chunk."""
+    return lambda: ((incident_energies[i:i + size], showers[i:i + size]) for i in range(0, len(showers), size))
+
+
+def _pieces(chunks: TensorChunks, size: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """One pass over ``chunks()``, each chunk cut into pieces of at most ``size`` showers."""
+    for incident_energies, showers in chunks():
+        for i in range(0, len(showers), size):
+            yield incident_energies[i:i + size], showers[i:i + size]
+
+
+def _every_nth(chunks: TensorChunks, stride: int, size: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """Every ``stride``-th shower of one pass over ``chunks()`` (counted over the pass, from
+    the first), regrouped into pieces of ``size`` showers (the last one shorter): the same
+    pieces as slicing ``[::stride]`` of all showers and cutting that into ``size``."""
+    held: list[tuple[Tensor, Tensor]] = []
+    n_held = seen = 0
+    for incident_energies, showers in chunks():
+        first = (-seen) % stride
+        seen += len(showers)
+        held.append((incident_energies[first::stride], showers[first::stride]))
+        n_held += len(held[-1][1])
+        while n_held >= size:
+            e, x = _joined(held)
+            yield e[:size], x[:size]
+            held, n_held = [(e[size:], x[size:])], n_held - size
+    if n_held:
+        yield _joined(held)
+
+
+def _joined(parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """(incident energies, showers) parts as one pair (no copy for a single part)."""
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 @dataclass(frozen=True)
@@ -377,13 +418,26 @@ class CaloManModel(ShowerModel):
         return apply_threshold(showers, self.threshold) if self.config.threshold_inputs else showers
 
     def fit_preprocessing(self, incident_energies: np.ndarray, showers: np.ndarray) -> None:
-        incident = np.asarray(incident_energies, dtype=np.float64).reshape(-1)
-        showers = self._clean(np.asarray(showers))  # sums accumulate in float64; no float64 copy
-        state = make_preprocessing(self.config.preprocessing, self.binning).fit(incident, showers).state()
-        for key, value in state.items():
+        self.fit_preprocessing_chunks(lambda: iter([(incident_energies, showers)]))
+
+    def fit_preprocessing_chunks(self, chunks: ArrayChunks) -> None:
+        """The preprocessing's constants (extremes: exact chunk by chunk) and the energy range."""
+        pipeline = make_preprocessing(self.config.preprocessing, self.binning)
+        low, high = np.inf, -np.inf
+        for incident_energies, showers in chunks():
+            incident = np.asarray(incident_energies, dtype=np.float64).reshape(-1)
+            showers = self._clean(np.asarray(showers))  # sums accumulate in float64; no float64 copy
+            pipeline.partial_fit(incident, showers)
+            low, high = min(low, float(incident.min())), max(high, float(incident.max()))
+        for key, value in pipeline.state().items():
             getattr(self, f"pre_{key}").fill_(float(value))
-        self.energy_range.copy_(torch.tensor([incident.min(), incident.max()], dtype=torch.float64))
+        self.energy_range.copy_(torch.tensor([low, high], dtype=torch.float64))
         self.latent_fitted.fill_(False)
+
+    def _chunk_rows(self) -> int:
+        """Showers per chunk of the work done on many showers at once (at most ``_CHUNK``,
+        and about ``_CHUNK_VALUES`` voxel values)."""
+        return max(1, min(_CHUNK, _CHUNK_VALUES // self.n_voxels))
 
     def _encoder_input(self, voxels: Tensor) -> Tensor:
         if self.config.encoder_input == "log":
@@ -421,8 +475,10 @@ class CaloManModel(ShowerModel):
         if self.config.autoencoder in MFLOW_KINDS and self.config.mflow_schedule == "alternating":
             stages.append(self._manifold_density_stage())
         else:
-            stages.append(Stage("autoencoder", self.autoencoder, self._autoencoder_data, self._autoencoder_loss))
-        stages.append(Stage("latent_flow", self.latent_flow, self._latent_data, self._latent_loss))
+            stages.append(Stage("autoencoder", self.autoencoder, self._autoencoder_data, self._autoencoder_loss,
+                                fit=self._fit_autoencoder_inputs if self.config.autoencoder in MFLOW_KINDS else None))
+        stages.append(Stage("latent_flow", self.latent_flow, self._latent_data, self._latent_loss,
+                            fit=self._fit_latent))
         return stages
 
     def _manifold_density_stage(self) -> Stage:
@@ -448,11 +504,12 @@ class CaloManModel(ShowerModel):
             return total
 
         return Stage("manifold_density", torch.nn.ModuleList([self.autoencoder, self.latent_flow]),
-                     self._autoencoder_data, loss, begin_epoch=begin_epoch)
+                     self._autoencoder_data, loss, begin_epoch=begin_epoch, fit=self._fit_autoencoder_inputs)
 
     def _chunked(self, incident_energies: Tensor, showers: Tensor, fn) -> tuple[Tensor, ...]:
-        parts = [fn(self._features(incident_energies[i:i + _CHUNK], showers[i:i + _CHUNK], random=True))
-                 for i in range(0, len(showers), _CHUNK)]
+        size = self._chunk_rows()
+        parts = [fn(self._features(incident_energies[i:i + size], showers[i:i + size], random=True))
+                 for i in range(0, len(showers), size)]
         return tuple(torch.cat(column) for column in zip(*parts))
 
     def _layer_energy_data(self, incident_energies: Tensor, showers: Tensor) -> tuple[Tensor, ...]:
@@ -466,6 +523,13 @@ class CaloManModel(ShowerModel):
         voxels, condition = self._chunked(incident_energies, showers, lambda f: (f.voxels, f.condition))
         self.autoencoder.fit_inputs(self._encoder_input(voxels))
         return voxels, condition
+
+    def _fit_autoencoder_inputs(self, chunks: TensorChunks) -> None:
+        """Streamed training: the autoencoder's input constants (an M-flow's whitening) from
+        sums over the training chunks."""
+        self.autoencoder.fit_inputs_chunks(
+            lambda: (self._encoder_input(self._features(e, x, random=True).voxels)
+                     for e, x in _pieces(chunks, self._chunk_rows())))
 
     def _autoencoder_loss(self, batch: tuple[Tensor, ...]) -> Tensor:
         voxels, condition = batch
@@ -499,14 +563,33 @@ class CaloManModel(ShowerModel):
             # The first call sees the training split (caloman.models.base.Stage): fit there.
             self.latent_mean.copy_(codes.mean(0))
             self.latent_std.copy_(codes.std(0).clamp_min(1e-6))
-            if self.config.voxel_noise == "poisson":
-                layer_quanta, table = self._fit_voxel_quanta(incident_energies, showers)
-                self.voxel_quanta.copy_(layer_quanta)
-                self.voxel_quanta_table.copy_(table)
-            elif self.config.voxel_noise == "poisson-gamma":
-                self.fit_spot_noise(incident_energies, showers)
+            self._fit_voxel_noise(_tensor_chunks(incident_energies, showers, self._chunk_rows()), len(showers))
             self.latent_fitted.fill_(True)
         return (codes - self.latent_mean) / self.latent_std, condition
+
+    def _fit_latent(self, chunks: TensorChunks) -> None:
+        """Streamed training: the code standardisation from float64 sums of the training codes
+        (the same mean and unbiased std as in memory, up to rounding), then the voxel noise."""
+        n, total, square = 0, 0.0, 0.0
+        for e, x in _pieces(chunks, self._chunk_rows()):
+            codes = self._codes(self._features(e, x, random=True)).double()
+            n, total, square = n + len(codes), total + codes.sum(0), square + codes.square().sum(0)
+        if n < 2:
+            raise ConfigError(f"the latent flow needs at least 2 training showers to standardise its codes, got {n}")
+        mean = total / n
+        self.latent_mean.copy_(mean)
+        self.latent_std.copy_(((square - n * mean.square()) / (n - 1)).clamp_min(0).sqrt().clamp_min(1e-6))
+        self._fit_voxel_noise(chunks, n)
+        self.latent_fitted.fill_(True)
+
+    def _fit_voxel_noise(self, chunks: TensorChunks, n_showers: int) -> None:
+        """Calibrate the configured voxel noise on the ``n_showers`` training showers of ``chunks()``."""
+        if self.config.voxel_noise == "poisson":
+            layer_quanta, table = self._fit_voxel_quanta(chunks)
+            self.voxel_quanta.copy_(layer_quanta)
+            self.voxel_quanta_table.copy_(table)
+        elif self.config.voxel_noise == "poisson-gamma":
+            self._fit_spot_noise(chunks, n_showers)
 
     def _latent_loss(self, batch: tuple[Tensor, ...]) -> Tensor:
         codes, condition = batch
@@ -514,9 +597,9 @@ class CaloManModel(ShowerModel):
             codes = codes + self.config.latent_noise * torch.randn_like(codes)
         return -self.latent_flow.log_prob(codes, condition).mean()
 
-    def _fit_voxel_quanta(self, incident_energies: Tensor, showers: Tensor) -> tuple[Tensor, Tensor]:
+    def _fit_voxel_quanta(self, chunks: TensorChunks) -> tuple[Tensor, Tensor]:
         """Energy quanta (MeV) of the voxel noise from the autoencoder's reconstructions of
-        training showers, binned in reconstructed voxel energy.
+        the training showers of ``chunks()``, binned in reconstructed voxel energy.
 
         Returns the per-layer quanta (n_layers,) (:func:`fit_noise_quantum`, from the
         residual variance) and the table (n_layers * n_rings, n_bins) of per-ring quanta
@@ -526,12 +609,12 @@ class CaloManModel(ShowerModel):
         occupancy-matched quantum would fall below the readout threshold (where the inversion
         does not hold) take the nearest valid bin of their ring, or the layer's quantum.
         """
-        edges = _QUANTA_BIN_EDGES.to(showers.device)
+        device = self.latent_mean.device
+        edges = _QUANTA_BIN_EDGES.to(device)
         n_bins = len(edges) + 1
         n_groups = self.n_layers * self.n_rings
-        sums = torch.zeros(4, n_groups * n_bins, dtype=torch.float64, device=showers.device)
-        for i in range(0, len(showers), _CHUNK):
-            e, x = incident_energies[i:i + _CHUNK], showers[i:i + _CHUNK]
+        sums = torch.zeros(4, n_groups * n_bins, dtype=torch.float64, device=device)
+        for e, x in _pieces(chunks, self._chunk_rows()):
             mean = self._reconstruct(e, x, postprocess=False).double()
             clean = self._clean(x.double())
             cell = (self.voxel_group_index * n_bins + torch.bucketize(mean.clamp_min(1e-30).log10(), edges)).flatten()
@@ -562,8 +645,14 @@ class CaloManModel(ShowerModel):
         noise alone, the scales are then fitted once more to occupancy targets corrected by
         the ratio of the two (:meth:`_readout_occupancy_ratio`). Fills the ``spot_*`` buffers;
         returns the mean log-likelihood of every candidate per layer (for reports and tests)."""
-        sums, (means, energies, cells) = self._spot_noise_statistics(incident_energies, showers,
-                                                                     max_voxels_per_layer, seed)
+        return self._fit_spot_noise(_tensor_chunks(incident_energies, showers, self._chunk_rows()), len(showers),
+                                    max_voxels_per_layer=max_voxels_per_layer, seed=seed)
+
+    def _fit_spot_noise(self, chunks: TensorChunks, n_showers: int, *, max_voxels_per_layer: int = 30_000,
+                        seed: int = 0) -> dict[str, Any]:
+        """:meth:`fit_spot_noise` on the ``n_showers`` showers of ``chunks()`` (a few passes;
+        memory: one chunk and the voxel sample, whatever ``n_showers``)."""
+        sums, (means, energies, cells) = self._spot_noise_statistics(chunks, n_showers, max_voxels_per_layer, seed)
         n_bins = len(_QUANTA_BIN_EDGES) + 1
         layer_of_cell = np.repeat(np.arange(self.n_layers), self.n_rings * n_bins)
         candidates = {k: self._spot_scale_table(*sums, k) for k in spot_noise.SHAPE_GRID}
@@ -579,7 +668,7 @@ class CaloManModel(ShowerModel):
                                                                    cells[mine], self.threshold)
         self._store_spot_noise(shapes, self._table_of_shapes(candidates, shapes))
         if self.per_layer and self.config.output_threshold and self.config.layer_readout == "scale-then-threshold":
-            ratio = self._readout_occupancy_ratio(incident_energies, showers, seed)
+            ratio = self._readout_occupancy_ratio(chunks, n_showers, seed)
             corrected = [sums[0], sums[1], sums[2] * ratio]
             refitted = {k: self._spot_scale_table(*corrected, k)[0] for k in set(shapes.tolist())}
             self._store_spot_noise(shapes, self._table_of_shapes(refitted, shapes))
@@ -619,21 +708,21 @@ class CaloManModel(ShowerModel):
 
         return fine_edges, group
 
-    def _spot_noise_statistics(self, incident_energies: Tensor, showers: Tensor, max_voxels_per_layer: int,
+    def _spot_noise_statistics(self, chunks: TensorChunks, n_showers: int, max_voxels_per_layer: int,
                                seed: int) -> tuple[list[np.ndarray], tuple[np.ndarray, ...]]:
         """Per (group, bin, sub-bin) sums of voxels, reconstructed energies and voxels above
-        threshold over the training showers, and a random sample of voxels (reconstructed
-        and true energy, table cell) for the spot-shape likelihood."""
-        edges = _QUANTA_BIN_EDGES.to(showers.device)
+        threshold over the ``n_showers`` training showers of ``chunks()``, and a seeded random
+        sample of voxels (reconstructed and true energy, table cell) for the spot-shape
+        likelihood (about 4 ``max_voxels_per_layer`` per layer, whatever ``n_showers``)."""
+        edges = _QUANTA_BIN_EDGES.to(self.latent_mean.device)
         n_bins = len(edges) + 1
         fine_edges, group = self._fine_bins()
         n_fine = len(fine_edges) + 1
         sums = torch.zeros(3, self.n_layers * self.n_rings * n_fine, dtype=torch.float64)
         generator = torch.Generator().manual_seed(seed)
-        keep_share = min(1.0, 4.0 * max_voxels_per_layer * self.n_layers / max(1, showers.numel()))
+        keep_share = min(1.0, 4.0 * max_voxels_per_layer * self.n_layers / max(1, n_showers * self.n_voxels))
         sample: list[tuple[Tensor, Tensor, Tensor]] = []
-        for i in range(0, len(showers), _CHUNK):
-            e, x = incident_energies[i:i + _CHUNK], showers[i:i + _CHUNK]
+        for e, x in _pieces(chunks, self._chunk_rows()):
             mean = self._reconstruct(e, x, postprocess=False).double().cpu()
             clean = self._clean(x.double()).cpu()
             log_mean = mean.clamp_min(1e-30).log10()
@@ -647,7 +736,7 @@ class CaloManModel(ShowerModel):
         voxels = tuple(torch.cat(column).numpy() for column in zip(*sample))
         return list(group(sums.numpy())), voxels
 
-    def _readout_occupancy_ratio(self, incident_energies: Tensor, showers: Tensor, seed: int, *,
+    def _readout_occupancy_ratio(self, chunks: TensorChunks, n_showers: int, seed: int, *,
                                  max_showers: int = 40_000, min_lit: int = 20) -> np.ndarray:
         """Per (group, bin, sub-bin): voxels the fitted noise alone puts above the threshold
         over voxels the whole readout lights, on reconstructions of (a strided subset of) the
@@ -658,12 +747,10 @@ class CaloManModel(ShowerModel):
         n_fine = len(fine_edges) + 1
         counts = torch.zeros(2, self.n_layers * self.n_rings * n_fine, dtype=torch.float64)
         generator = torch.Generator().manual_seed(seed + 1)
-        stride = max(1, -(-len(showers) // max_showers))
-        incident_energies, showers = incident_energies[::stride], showers[::stride]
+        stride = max(1, -(-n_showers // max_showers))
         pipeline = self._pipeline()
-        for i in range(0, len(showers), _CHUNK):
-            mean = self._reconstruct(incident_energies[i:i + _CHUNK], showers[i:i + _CHUNK], postprocess=False)
-            mean = mean.float().cpu()
+        for e, x in _every_nth(chunks, stride, self._chunk_rows()):
+            mean = self._reconstruct(e, x, postprocess=False).float().cpu()
             normal, uniform, spot_normal = (torch.randn(mean.shape, generator=generator),
                                             torch.rand(mean.shape, generator=generator),
                                             torch.randn(mean.shape, generator=generator))

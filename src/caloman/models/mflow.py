@@ -26,7 +26,7 @@ columns for D rows, cheap for a low-dimensional manifold.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -350,6 +350,33 @@ class MFlowAutoencoder(Autoencoder):
         self.centre.copy_(centre)
         self.basis.copy_(basis)
         self.scale.copy_(scale)
+        self.inputs_fitted.fill_(True)
+
+    def fit_inputs_chunks(self, chunks: Callable[[], Iterator[Tensor]]) -> None:
+        """:meth:`fit_inputs` from sums over encoder inputs (n, D) chunk by chunk, in one pass:
+        the centre, then the covariance (D x D; with all D features kept only its diagonal),
+        whose leading eigenvectors are the basis and the square roots of whose eigenvalues
+        are the scales. Equals the in-memory fit up to rounding."""
+        if bool(self.inputs_fitted):
+            return
+        full = self.flow_features == self.features
+        n, total, second = 0, 0.0, 0.0
+        for x in chunks():
+            x = x.double()
+            n, total = n + len(x), total + x.sum(0)
+            second = second + (x.square().sum(0) if full else x.T @ x)
+        centre = total / n
+        if full:
+            basis = torch.eye(self.features, dtype=torch.float64, device=centre.device)
+            variance = (second - n * centre.square()) / max(1, n - 1)
+        else:
+            covariance = (second - n * torch.outer(centre, centre)) / max(1, n - 1)
+            eigenvalues, vectors = torch.linalg.eigh(covariance)
+            order = eigenvalues.argsort(descending=True)[:self.flow_features]
+            basis, variance = vectors[:, order], eigenvalues[order]
+        self.centre.copy_(centre)
+        self.basis.copy_(basis)
+        self.scale.copy_(variance.clamp_min(0).sqrt().clamp_min(1e-3))
         self.inputs_fitted.fill_(True)
 
     def explained_variance(self, inputs: Tensor) -> float:
