@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from caloman.errors import ConfigError
+
 
 @dataclass
 class Stage:
@@ -213,6 +215,12 @@ class ShowerModel(nn.Module, ABC):
         """One weight per generated shower (n,) for a weighted generator (``weighted``: a
         DCTR-reweighted run), or None for an unweighted one (every model but those)."""
         return None
+
+    def latent_codes(self, incident_energies: Tensor, showers: Tensor) -> Tensor:
+        """The codes (n, d) of showers (n, n_voxels) in MeV that the model's latent density is
+        trained on, for diagnostics of the code space (:mod:`caloman.components`); a model with
+        no code space raises ConfigError."""
+        raise ConfigError(f"model kind {self.kind!r} has no latent codes (only CaloMan-type models do)")
 
     def export_refusal(self) -> str | None:
         """Why :meth:`sample_from_noise` cannot be recorded as a static graph (a sentence
