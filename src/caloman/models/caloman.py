@@ -6,7 +6,8 @@ Generation, for incident energies E (n,) in MeV:
 
 1. ``"per-layer"`` preprocessing only: encoded layer energies
    e ~ p(e | E) from the layer-energy flow (CaloFlow's Flow I);
-2. a latent code z ~ p(z | c) from the latent flow, c = [scaled E] or
+2. a latent code z ~ p(z | c) from the latent flow (or, ``latent_density = "ebim"``,
+   Langevin dynamics of an energy, :mod:`caloman.models.latent_ebim`), c = [scaled E] or
    [scaled E, e / 14];
 3. features x = psi(z) from the autoencoder's decoder (per-layer shapes that
    sum to one, or the paper's scaled voxels);
@@ -18,7 +19,7 @@ noise for the two flows and the voxel noise, and one uniform per voxel for the
 exact Poisson draws of small rates (:mod:`caloman.models.voxel_noise`).
 
 Training stages, in order: ``layer_energy`` (per-layer only), ``autoencoder``,
-``latent_flow`` (codes of the trained encoder).
+``latent_flow`` or ``latent_ebim`` (codes of the trained encoder).
 """
 
 from __future__ import annotations
