@@ -30,6 +30,7 @@ COMMANDS = {
     "toy": "toy",
     "refine": "refine",
     "ood": "ood",
+    "components": "components",
 }
 
 

@@ -27,8 +27,9 @@ import torch
 from torch import Tensor, nn
 
 from caloman.errors import ConfigError, TrainingDivergedError
+from caloman.implicit.contrastive import contrastive_divergence, draw_starts
 from caloman.implicit.sampling import SamplerConfig, _jvp, _vjp, conjugate_gradient, constrained_langevin, project
-from caloman.models.autoencoders import mlp
+from caloman.networks import mlp
 
 logger = logging.getLogger(__name__)
 
@@ -146,15 +147,13 @@ def train_energy(F: Callable[[Tensor], Tensor], data: Tensor, initial_negatives:
         for i in range(0, len(data), cfg.batch_size):
             positive = data[order[i:i + cfg.batch_size]]
             b = len(positive)
-            slots = torch.randint(cfg.buffer_size, (b,), generator=generator)
-            fresh = torch.rand(b, generator=generator) > cfg.buffer_frac
-            refill = initial_negatives[torch.randint(len(initial_negatives), (b,), generator=generator)]
-            start = torch.where(fresh.unsqueeze(-1), refill, buffer[slots])
+            slots, start = draw_starts(buffer, b, cfg.buffer_frac, lambda k: initial_negatives[
+                torch.randint(len(initial_negatives), (k,), generator=generator)], generator)
             chain = constrained_langevin(F, start, frozen_energy, cfg.sampler, generator, box)
             negative = chain.samples
             buffer[slots] = negative
             e_pos, e_neg = energy(positive), energy(negative)
-            loss = e_pos.mean() - e_neg.mean() + cfg.beta * (e_pos.square().mean() + e_neg.square().mean())
+            loss = contrastive_divergence(e_pos, e_neg, cfg.beta)
             if not torch.isfinite(loss):
                 raise TrainingDivergedError(f"energy training diverged at epoch {epoch + 1}; lower lr ({cfg.lr})")
             optimiser.zero_grad()

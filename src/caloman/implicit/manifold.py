@@ -23,7 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from caloman.errors import ConfigError, TrainingDivergedError
-from caloman.models.autoencoders import mlp
+from caloman.implicit.contrastive import draw_starts
+from caloman.networks import mlp
 
 logger = logging.getLogger(__name__)
 
@@ -114,9 +115,7 @@ def _negatives(F: ManifoldFunction, norm_f, buffer: Tensor, b: int, cfg: Manifol
                generator: torch.Generator | None) -> Tensor:
     """b Langevin negatives (b, n) from the buffer (refreshed with uniform noise), clamped to F's box
     and written back to the buffer."""
-    slots = torch.randint(cfg.buffer_size, (b,), generator=generator)
-    fresh = torch.rand(b, generator=generator) > cfg.buffer_frac
-    start = torch.where(fresh.unsqueeze(-1), F.uniform(b, generator), buffer[slots])
+    slots, start = draw_starts(buffer, b, cfg.buffer_frac, lambda k: F.uniform(k, generator), generator)
     for p in F.parameters():
         p.requires_grad_(False)
     negative = F.clamp(langevin(norm_f, start, cfg.langevin_steps, cfg.langevin_step_size, cfg.langevin_alpha,

@@ -35,6 +35,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from caloman.networks import mlp
+
 #: Autoencoder kinds, see :func:`build_autoencoder`.
 AUTOENCODER_KINDS = ("vae", "ae", "wae")
 RECONSTRUCTION_LOSSES = ("mse", "cross-entropy")
@@ -44,18 +46,6 @@ OUTPUT_ACTIVATIONS = ("identity", "sigmoid", "layer-softmax")
 _LOG_VAR_RANGE = (-16.0, 6.0)
 #: Scales of the WAE's inverse multiquadric kernels, in units of 2 d (Tolstikhin et al. 2018, section 4).
 _IMQ_SCALES = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
-
-
-def mlp(in_features: int, out_features: int, hidden: Sequence[int],
-        activation: type[nn.Module] = nn.ReLU) -> nn.Sequential:
-    """Linear-activation stack: in -> hidden[0] -> ... -> hidden[-1] -> out (no final activation)."""
-    sizes = (in_features, *hidden, out_features)
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            layers.append(activation())
-    return nn.Sequential(*layers)
 
 
 class LayerSoftmax(nn.Module):

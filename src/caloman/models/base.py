@@ -239,6 +239,12 @@ class ShowerModel(nn.Module, ABC):
         DCTR-reweighted run), or None for an unweighted one (every model but those)."""
         return None
 
+    def latent_codes(self, incident_energies: Tensor, showers: Tensor) -> Tensor:
+        """The codes (n, d) of showers (n, n_voxels) in MeV that the model's latent density is
+        trained on, for diagnostics of the code space (:mod:`caloman.components`); a model with
+        no code space raises ConfigError."""
+        raise ConfigError(f"model kind {self.kind!r} has no latent codes (only CaloMan-type models do)")
+
     def export_refusal(self) -> str | None:
         """Why :meth:`sample_from_noise` cannot be recorded as a static graph (a sentence
         saying what to do instead), or None when it can."""

@@ -6,7 +6,8 @@ Generation, for incident energies E (n,) in MeV:
 
 1. ``"per-layer"`` preprocessing only: encoded layer energies
    e ~ p(e | E) from the layer-energy flow (CaloFlow's Flow I);
-2. a latent code z ~ p(z | c) from the latent flow, c = [scaled E] or
+2. a latent code z ~ p(z | c) from the latent flow (or, ``latent_density = "ebim"``,
+   Langevin dynamics of an energy, :mod:`caloman.models.latent_ebim`), c = [scaled E] or
    [scaled E, e / 14];
 3. features x = psi(z) from the autoencoder's decoder (per-layer shapes that
    sum to one, or the paper's scaled voxels);
@@ -18,7 +19,7 @@ noise for the two flows and the voxel noise, and one uniform per voxel for the
 exact Poisson draws of small rates (:mod:`caloman.models.voxel_noise`).
 
 Training stages, in order: ``layer_energy`` (per-layer only), ``autoencoder``,
-``latent_flow`` (codes of the trained encoder).
+``latent_flow`` or ``latent_ebim`` (codes of the trained encoder).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from caloman.models.autoencoders import AUTOENCODER_KINDS, RECONSTRUCTION_LOSSES
 from caloman.models.base import ArrayChunks, NoiseBlock, NoiseShape, ShowerModel, Stage, TensorChunks
 from caloman.models.config import ModelConfig, check_flow_sizes
 from caloman.models.flows import HYPERNETS, ConditionalFlow
+from caloman.models.latent_ebim import LatentEBIM, LatentEBIMSettings
 from caloman.models.layer_energy import LOGIT_BOUND, LayerEnergyModel
 from caloman.models.mflow import MFLOW_KINDS, SCHEDULES, MFlowAutoencoder, gram_log_det
 from caloman.models.readout import LayerLayout, threshold_keeping_layer_energies
@@ -58,6 +60,8 @@ VOXEL_NOISES = ("none", "poisson", "poisson-gamma")
 LAYER_READOUTS = ("scale-then-threshold", "threshold-then-rescale")
 #: The generalised autoencoders CaloMan can use: the MLP family and the M-flows.
 CALOMAN_AUTOENCODERS = AUTOENCODER_KINDS + MFLOW_KINDS
+#: Densities of the latent codes, see :attr:`CaloManConfig.latent_density`.
+LATENT_DENSITIES = ("flow", "ebim")
 #: Named configurations accepted by :meth:`CaloManConfig.profile`.
 PROFILES = ("quick", "full", "paper")
 
@@ -189,6 +193,14 @@ class CaloManConfig(ModelConfig):
         layer_flow_transforms, layer_flow_hidden, layer_flow_bins: the layer-energy flow.
         latent_noise: std of Gaussian noise added to the standardised codes
             while training the latent flow (smooths the code density).
+    Latent density:
+        latent_density: ``"flow"`` (default, the latent flow above) or ``"ebim"``: an
+            energy-based density E(z | c) on the codes, trained by contrastive divergence
+            and sampled by ``ebim_steps`` Langevin steps from N(0, I)
+            (:mod:`caloman.models.latent_ebim`; stage ``latent_ebim`` replaces ``latent_flow``).
+        ebim_hidden, ebim_steps, ebim_step_size, ebim_alpha (0: eps^2), ebim_buffer_size,
+            ebim_buffer_frac, ebim_beta: its settings
+            (:class:`~caloman.models.latent_ebim.LatentEBIMSettings`).
     Sparsity and noise:
         threshold_inputs: zero training voxels below the binning's readout
             threshold before fitting (every metric does the same), so no
@@ -247,6 +259,14 @@ class CaloManConfig(ModelConfig):
     layer_flow_hidden: tuple[int, ...] = (64, 64)
     layer_flow_bins: int = 16
     latent_noise: float = 0.0
+    latent_density: str = "flow"
+    ebim_hidden: tuple[int, ...] = (128, 128)
+    ebim_steps: int = 30
+    ebim_step_size: float = 0.1
+    ebim_alpha: float = 1.0
+    ebim_buffer_size: int = 10_000
+    ebim_buffer_frac: float = 0.5
+    ebim_beta: float = 0.1
     threshold_inputs: bool = True
     dequantise_empty_layers: bool = True
     output_threshold: bool = True
@@ -267,7 +287,7 @@ class CaloManConfig(ModelConfig):
         choices = {"preprocessing": PREPROCESSINGS, "autoencoder": CALOMAN_AUTOENCODERS,
                    "reconstruction_loss": RECONSTRUCTION_LOSSES, "encoder_input": ENCODER_INPUTS,
                    "flow_hypernet": HYPERNETS, "voxel_noise": VOXEL_NOISES, "mflow_schedule": SCHEDULES,
-                   "layer_readout": LAYER_READOUTS}
+                   "layer_readout": LAYER_READOUTS, "latent_density": LATENT_DENSITIES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"model option {name} = {getattr(self, name)!r} is not one of "
@@ -292,6 +312,18 @@ class CaloManConfig(ModelConfig):
                 raise ConfigError(f"model option {name} must be >= 0, got {getattr(self, name)}")
         if self.autoencoder in MFLOW_KINDS:
             self._check_mflow()
+        if self.latent_density == "ebim":
+            self.ebim_settings()
+            if self.autoencoder in MFLOW_KINDS and self.mflow_schedule == "alternating":
+                raise ConfigError("latent_density = 'ebim' replaces the latent flow, which the alternating M-flow "
+                                  "schedule trains with the manifold: use mflow_schedule = 'sequential'")
+
+    def ebim_settings(self) -> LatentEBIMSettings:
+        """The ``ebim_*`` options as checked settings (ConfigError for bad values)."""
+        return LatentEBIMSettings(hidden=tuple(self.ebim_hidden), steps=self.ebim_steps,
+                                  step_size=self.ebim_step_size, alpha=self.ebim_alpha,
+                                  buffer_size=self.ebim_buffer_size, buffer_frac=self.ebim_buffer_frac,
+                                  beta=self.ebim_beta)
 
     def _check_mflow(self) -> None:
         """An M-flow autoencoder works on per-layer log-shapes; ConfigError otherwise."""
@@ -379,8 +411,12 @@ class CaloManModel(ShowerModel):
         self.autoencoder: Autoencoder = _build_autoencoder(
             config, pipeline.n_voxels if self.per_layer else pipeline.n_features,
             condition_size if config.conditional_autoencoder else 0, layer_sizes, self.per_layer)
-        self.latent_flow = ConditionalFlow(config.latent_dim, condition_size, config.flow_transforms,
-                                           config.flow_hidden, config.flow_bins, hypernet=config.flow_hypernet)
+        # The density of the codes: the latent flow, or (latent_density = "ebim") an energy-based model.
+        ebim = config.latent_density == "ebim"
+        self.latent_ebim = LatentEBIM(config.latent_dim, condition_size, config.ebim_settings()) if ebim else None
+        self.latent_flow = None if ebim else ConditionalFlow(
+            config.latent_dim, condition_size, config.flow_transforms, config.flow_hidden, config.flow_bins,
+            hypernet=config.flow_hypernet)
         # Standardisation of the codes for the latent flow, fitted when its stage starts.
         self.register_buffer("latent_mean", torch.zeros(config.latent_dim))
         self.register_buffer("latent_std", torch.ones(config.latent_dim))
@@ -477,8 +513,12 @@ class CaloManModel(ShowerModel):
         else:
             stages.append(Stage("autoencoder", self.autoencoder, self._autoencoder_data, self._autoencoder_loss,
                                 fit=self._fit_autoencoder_inputs if self.config.autoencoder in MFLOW_KINDS else None))
-        stages.append(Stage("latent_flow", self.latent_flow, self._latent_data, self._latent_loss,
-                            fit=self._fit_latent))
+        if self.latent_ebim is not None:
+            stages.append(Stage("latent_ebim", self.latent_ebim, self._latent_data, self.latent_ebim.loss,
+                                fit=self._fit_latent))
+        else:
+            stages.append(Stage("latent_flow", self.latent_flow, self._latent_data, self._latent_loss,
+                                fit=self._fit_latent))
         return stages
 
     def _manifold_density_stage(self) -> Stage:
@@ -782,10 +822,13 @@ class CaloManModel(ShowerModel):
 
     # -- generation ----------------------------------------------------------------------
     def noise_shape(self) -> NoiseShape:
-        """Standard normals: the layer-energy flow's (per-layer only), the latent flow's and
-        (Poisson voxel noise) one per voxel; uniforms: one per voxel (Poisson voxel noise)."""
+        """Standard normals: the layer-energy flow's (per-layer only), the latent flow's (or the
+        EBIM start and its Langevin increments) and (Poisson voxel noise) one per voxel;
+        uniforms: one per voxel (Poisson voxel noise)."""
         blocks = [NoiseBlock("layer_energies", self.n_layers)] if self.per_layer else []
         blocks.append(NoiseBlock("latent", self.config.latent_dim))
+        if self.latent_ebim is not None:
+            blocks.append(NoiseBlock("latent_langevin", self.latent_ebim.noise_size))
         if self.config.voxel_noise != "none":
             blocks += [NoiseBlock("voxels", self.n_voxels), NoiseBlock("voxels", self.n_voxels, "uniform")]
         if self.config.voxel_noise == "poisson-gamma":
@@ -803,7 +846,7 @@ class CaloManModel(ShowerModel):
             condition = torch.cat((scaled, encoded / LOGIT_BOUND), dim=-1)
         else:
             encoded, condition = None, scaled
-        codes = self.latent_flow.transform_inverse(normal[:, columns["latent"]], condition)
+        codes = self._sample_codes(normal, columns, condition)
         decoded = self.autoencoder.decode(codes * self.latent_std + self.latent_mean, self._ae_context(condition))
         voxel_noise = None
         if "voxels" in columns:
@@ -811,6 +854,13 @@ class CaloManModel(ShowerModel):
             if "spot_energies" in columns:
                 voxel_noise += (normal[:, columns["spot_energies"]],)
         return self._to_showers(pipeline, incident, decoded, encoded, voxel_noise=voxel_noise)
+
+    def _sample_codes(self, normal: Tensor, columns: dict[str, slice], condition: Tensor) -> Tensor:
+        """Standardised codes (n, d) from the latent noise columns, by the configured latent density."""
+        if self.latent_ebim is not None:
+            return self.latent_ebim.sample_from_noise(condition, normal[:, columns["latent"]],
+                                                      normal[:, columns["latent_langevin"]])
+        return self.latent_flow.transform_inverse(normal[:, columns["latent"]], condition)
 
     def _to_showers(self, pipeline: Any, incident: Tensor, decoded: Tensor, encoded: Tensor | None, *,
                     voxel_noise: tuple[Tensor, ...] | None = None, postprocess: bool = True) -> Tensor:
@@ -907,6 +957,9 @@ class CaloManModel(ShowerModel):
         this is the exact density of the model's showers on it; for the MLP family the
         encoder only approximates that inverse.
         """
+        if self.latent_ebim is not None:
+            raise ConfigError("latent_density = 'ebim' has no normalised density (the energy's normalisation "
+                              "Z(E_inc) is unknown): use a run with the latent flow for densities and OOD scores")
         features = self._features(torch.as_tensor(incident_energies), torch.as_tensor(showers))
         context = self._ae_context(features.condition)
         codes = self._codes(features)
@@ -916,6 +969,14 @@ class CaloManModel(ShowerModel):
         if self.per_layer:
             log_p = log_p + self.layer_energy.log_prob(features.layer_features, features.incident).double()
         return log_p
+
+    def latent_codes(self, incident_energies: Tensor, showers: Tensor) -> Tensor:
+        """Standardised codes (n, d) of showers (n, V) in MeV, as the latent density sees them
+        (the posterior mean for a VAE; empty layers dequantised to the middle of their range)."""
+        incident, showers = torch.as_tensor(incident_energies), torch.as_tensor(showers)
+        codes = [self._codes(self._features(incident[i:i + _CHUNK], showers[i:i + _CHUNK]))
+                 for i in range(0, len(showers), _CHUNK)]
+        return (torch.cat(codes) - self.latent_mean) / self.latent_std
 
     def project(self, incident_energies: Tensor, showers: Tensor) -> Tensor:
         """The nearest point on the learned manifold, as the autoencoder defines "nearest":
