@@ -53,10 +53,12 @@ def _plain_decoder(autoencoder: nn.Module) -> bool:
 
 def fusable(model: ShowerModel) -> bool:
     """Whether :class:`CaloManGraph` covers ``model``: a per-layer CaloMan whose flows are
-    coupling flows with MLP hypernetworks and whose decoder is a plain MLP."""
+    coupling flows with MLP hypernetworks and whose decoder is a plain MLP (not one with an
+    EBIM latent density, which has no latent flow: traced)."""
     return (getattr(model, "kind", None) == "caloman" and type(model).__name__ == "CaloManModel"
-            and getattr(model, "per_layer", False) and supports(model.layer_energy.flow)
-            and supports(model.latent_flow) and _plain_decoder(model.autoencoder))
+            and getattr(model, "per_layer", False) and getattr(model, "latent_flow", None) is not None
+            and supports(model.layer_energy.flow) and supports(model.latent_flow)
+            and _plain_decoder(model.autoencoder))
 
 
 class CaloManGraph(nn.Module):
