@@ -155,8 +155,8 @@ class TrainingConfig:
         """All showers, 80 epochs per stage with batches of 512 and early stopping after
         10 flat epochs. 80, not 40: CaloMan's losses still fall at epoch 40, and its strong
         low-level AUC went from 0.647 to 0.564 on 100,000 dataset-1 showers (2026-12-07,
-        docs/caloman-model.md); it took 41.6 min on one contended CPU thread (the paper's
-        200 epochs took 110 min on a GPU; pass ``epochs=200``)."""
+        docs/caloman-model.md); it takes 21.2 min on two otherwise idle CPU threads
+        (2026-12-07; the paper's 200 epochs took 110 min on a GPU; pass ``epochs=200``)."""
         base = dict(epochs=80, batch_size=512, learning_rate=1e-3, lr_schedule="cosine", warmup_epochs=2,
                     patience=10, max_showers=None)
         return cls(**{**base, **overrides})
