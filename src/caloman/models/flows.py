@@ -165,10 +165,10 @@ class ConditionalFlow(nn.Module):
             return self.flow(context).log_prob(x)
         z, ladj = x, x.new_zeros(x.shape[0])
         context = context.to(x.dtype)
-        for layer in self.flow.transform.transforms:
-            idx_a, idx_b, undo = (t.to(x.device) for t in _coupling_indices(layer.mask))
+        for step in self._plan().steps:  # the index tensors the sampler uses, built once
+            idx_a, idx_b, undo = (t.to(x.device) for t in step.indices)
             z_a = z.index_select(-1, idx_a)
-            params = layer.hyper(torch.cat((z_a, context), dim=-1)).reshape(-1, len(idx_b), layer.total)
+            params = step.layer.hyper(torch.cat((z_a, context), dim=-1)).reshape(-1, len(idx_b), step.total)
             z_b, step_ladj = rqs_forward(params, z.index_select(-1, idx_b), self.bound)
             z = torch.cat((z_a, z_b), dim=-1).index_select(-1, undo)
             ladj = ladj + step_ladj
@@ -250,9 +250,7 @@ class _SamplingPlan:
     def build(cls, layers: nn.ModuleList, numpy_ok: bool) -> _SamplingPlan:
         steps = []
         for layer in layers:
-            mask = layer.mask.cpu()
-            idx_a, idx_b = mask.nonzero().squeeze(-1), (~mask).nonzero().squeeze(-1)
-            indices = (idx_a, idx_b, torch.cat((idx_a, idx_b)).argsort())
+            indices = _coupling_indices(layer.mask.cpu())
             linears = [m for m in layer.hyper if hasattr(m, "weight")] if numpy_ok else []
             numpy_ok = numpy_ok and all(m.weight.device.type == "cpu" and m.weight.dim() == 2 for m in linears)
             weights = [(m.weight.detach().numpy(), m.bias.detach().numpy()) for m in linears] if numpy_ok else []
