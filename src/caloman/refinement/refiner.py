@@ -75,9 +75,7 @@ class WeightedFlowRefiner(nn.Module):
         self.history: list[dict[str, float]] = []
 
     def _dist(self, condition: Tensor | None):
-        if self.context and condition is None:
-            raise ValueError(f"this refiner is conditional ({self.context} features): pass condition")
-        return self.flow(condition) if self.context else self.flow()
+        return self.flow(self._condition(condition)) if self.context else self.flow()
 
     def log_prob(self, z: Tensor, condition: Tensor | None = None) -> Tensor:
         """log q(z | condition), (n, features) -> (n,)."""
