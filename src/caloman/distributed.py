@@ -164,6 +164,12 @@ def joined(device: str = "cpu") -> Iterator[Distributed | None]:
         progress.enable(False)
     try:
         yield distributed
-    finally:
+    except BaseException:
         if distributed is not None:
-            shutdown()
+            shutdown()  # no final barrier: the other ranks may never reach it
+        raise
+    if distributed is not None:
+        # Every rank reaches the end before any leaves the group: a rank that tears down its
+        # gloo pairs while a peer still uses them can abort the process at exit ("terminate called").
+        distributed.barrier()
+        shutdown()
