@@ -22,5 +22,7 @@ def test_demo_end_to_end(tmp_path):
     assert (out / "run" / "model.safetensors").exists() and (out / "dimension" / "dimension.json").exists()
     timings = json.loads((out / "timings.json").read_text())
     assert {t["batch_size"] for t in timings["generation"]} == {1, 100, 10_000}
+    run_latent = json.loads((out / "run" / "config.json").read_text())["model"]["config"]["latent_dim"]
+    assert timings["latent_dim"] == run_latent and f"latent dimension of the run: **{run_latent}**" in report
     # a second run re-uses the simulated data and the finished run
     assert main(["-q", "demo", "--out", str(out), "--classifier", "none"]) == 0

@@ -138,7 +138,8 @@ def run_demo(out_dir: str | Path, config: DemoConfig) -> Path:
     record = {
         "caloman_version": __version__, "date": started.isoformat(timespec="seconds"),
         "config": dataclasses.asdict(config), "machine": machine_info(),
-        "latent_dim": latent_dim, "parameters": count_parameters(loaded.model),
+        "latent_dim": int(loaded.model.config.latent_dim), "estimated_latent_dim": latent_dim,
+        "parameters": count_parameters(loaded.model),
         "simulator_ms_per_shower": simulator_ms, "wall_seconds": wall,
         "generation": [dataclasses.asdict(t) for t in timings], "process_peak_rss_mib": peak_rss_mib(),
     }
@@ -176,8 +177,9 @@ def render_report(out_dir: Path, record: dict[str, Any], metrics: dict[str, Any]
         if record["simulator_ms_per_shower"] is not None and np.isfinite(record["simulator_ms_per_shower"]) else "",
         "", "## Intrinsic dimension", "",
         f"Levina-Bickel (MacKay-Ghahramani) estimate on {dim.n_points[dim.default_label()]:,} distinct showers; "
-        "latent dimension used: "
-        f"**{record['latent_dim']}** (d at k = 10).", "",
+        f"d at k = 10: {record['estimated_latent_dim']}; latent dimension of the run: **{record['latent_dim']}**"
+        + (" (a re-used run trained with another dimension)." if record["latent_dim"] != record["estimated_latent_dim"]
+           else "."), "",
         _img(out_dir, out_dir / "dimension" / "dimension.png", "intrinsic dimension vs k"), "",
         "## Training", "",
         f"{record['parameters']:,} parameters. " + "; ".join(loaded.history.summary_lines()), "",
