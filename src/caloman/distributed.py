@@ -171,5 +171,7 @@ def joined(device: str = "cpu") -> Iterator[Distributed | None]:
     if distributed is not None:
         # Every rank reaches the end before any leaves the group: a rank that tears down its
         # gloo pairs while a peer still uses them can abort the process at exit ("terminate called").
-        distributed.barrier()
-        shutdown()
+        try:
+            distributed.barrier()
+        finally:
+            shutdown()
