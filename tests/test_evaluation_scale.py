@@ -73,6 +73,8 @@ def test_classifier_sub_sample_is_capped_and_reproducible(tmp_path, monkeypatch)
     assert all(entry["n_per_class"] == 60 for entry in first["classifier"].values())
     assert first["classifier"] == second["classifier"]
     assert first["config"]["classifier_max_showers"] == 60
+    summary = (tmp_path / "a" / "summary.md").read_text()
+    assert "classifier showers per class low 60, low_normed 60, high 60" in summary
 
 
 def test_strong_rows_are_seeded_and_bounded_by_values():

@@ -21,7 +21,10 @@ all at once at the end: a failed evaluation leaves nothing new there.
 
 Files are read in chunks: the reference twice (the voxel-energy histogram's
 edges need the reference's largest voxel, found in the first pass), the
-generated file once. Only the classifier tests need whole samples in memory.
+generated file once. The steps that need whole showers (classifier tests, PRDC,
+the per-energy average-shower plot) get seeded random sub-samples, chosen before
+reading and gathered chunk by chunk; their bounds are settings of
+:class:`EvaluationConfig` (docs/evaluation.md, "Evaluation at scale").
 """
 
 from __future__ import annotations
@@ -733,6 +736,21 @@ def classifier_summary_lines(classifier: dict[str, dict[str, Any]]) -> list[str]
     return lines
 
 
+def _bounds_lines(metrics: dict[str, Any]) -> list[str]:
+    """The sub-sample bounds of the config and the sub-samples used (evaluation at scale)."""
+    config = metrics.get("config") or {}
+    if "classifier_max_values" not in config:
+        return []
+    per_class = metrics.get("classifier_showers_per_class") or {}
+    used = ", ".join(f"{key.removeprefix('classifier_') or key} {n}" for key, n in per_class.items())
+    prdc = (metrics.get("prdc") or {}).get("n_showers")
+    return [f"- sub-samples (seeded): classifier showers per class {used or 'none'} (bounds: "
+            f"classifier_max_showers {config.get('classifier_max_showers')}, classifier_max_values "
+            f"{config['classifier_max_values']:,}); PRDC showers per sample "
+            f"{prdc['reference'] if prdc else 'none'} (prdc_max_showers {config.get('prdc_max_showers'):,}, "
+            f"prdc_max_values {config.get('prdc_max_values'):,})"]
+
+
 def render_summary(metrics: dict[str, Any]) -> str:
     """Markdown summary of a metrics dict (as written to ``summary.md``)."""
     lines = ["# caloman evaluation", ""]
@@ -746,7 +764,8 @@ def render_summary(metrics: dict[str, Any]) -> str:
         lines.append(f"- generated showers weighted (`--weights`): ESS fraction {weights['ess_fraction']:.3f}, "
                      f"largest weight {weights['max']:.3g}")
     lines += [f"- binning: {metrics['binning']}, readout threshold {metrics['threshold_mev']:.6g} MeV, "
-              f"seed {metrics['seed']}", f"- caloman {metrics['caloman_version']}", ""]
+              f"seed {metrics['seed']}", f"- caloman {metrics['caloman_version']}"]
+    lines += _bounds_lines(metrics) + [""]
 
     lines += ["## Separation power of feature histograms", "",
               "Chi-squared separation power (0: identical, 1: disjoint); lower is better.", "",
