@@ -10,7 +10,7 @@ from caloman.errors import ConfigError, VoxelCountError
 from caloman.evaluation import EvaluationConfig, evaluate_arrays, evaluate_files
 from caloman.features import apply_threshold, compute_features, high_level_vector
 from caloman.io import write_showers
-from caloman.metrics import ClassifierResult
+from caloman.metrics import ClassifierResult, classifier
 
 OFF = dict(classifier="none", fpd_kpd=False, prdc=False, plots=False)
 
@@ -100,9 +100,10 @@ def test_config_and_input_errors_are_typed(tmp_path):
 def test_classifier_and_distances_are_called_with_the_agreed_inputs(tmp_path, monkeypatch):
     calls = {}
 
-    def run_classifier_test(kind, reference, generated, binning, setting, seed):
+    def run_classifier_test(kind, reference, generated, binning, setting, seed, preselected):
         calls.setdefault("classifier", []).append((kind, setting, seed, reference[1].min(), len(generated[0])))
-        assert reference[1].shape == (80, 368) and reference[0].shape == (80,)
+        # only the classifier's rows reach it: equal classes, cut to the smaller sample
+        assert preselected and reference[1].shape == (60, 368) and reference[0].shape == (60,)
         return ClassifierResult(kind=kind, auc=0.5 + 0.1 * len(calls["classifier"]), jsd=0.01, setting=setting,
                                 fpr=np.array([0.0, 1.0]), tpr=np.array([0.0, 1.0]), best_epoch=3)
 
@@ -118,7 +119,9 @@ def test_classifier_and_distances_are_called_with_the_agreed_inputs(tmp_path, mo
         return {"precision": 0.9, "recall": 0.8, "density": 1.0, "coverage": 0.7}
 
     monkeypatch.setitem(sys.modules, "caloman.metrics.classifier",
-                        types.SimpleNamespace(run_classifier_test=run_classifier_test))
+                        types.SimpleNamespace(run_classifier_test=run_classifier_test,
+                                              resolve_settings=classifier.resolve_settings,
+                                              classifier_rows=classifier.classifier_rows))
     monkeypatch.setitem(sys.modules, "caloman.metrics.distances", types.SimpleNamespace(fpd=fpd, kpd=kpd, prdc=prdc))
     ref, gen = _sample(80, 7), _sample(60, 8)
     config = EvaluationConfig(classifier="quick", seed=3, plots=False, prdc_max_showers=50)

@@ -201,10 +201,16 @@ def test_panels_are_split_into_balanced_figures_of_at_most_16():
     assert plots._split_panels(7) == [slice(0, 7)]
 
 
-@pytest.mark.slow
-def test_45_layer_feature_figures(tmp_path):
-    paths = plots.plot_feature_histograms([make_histogram(f"EC_r_layer_{i}") for i in range(45)], tmp_path)
-    assert [p.name for p in paths] == [f"features_EC_r_{i}of3.png" for i in (1, 2, 3)]
+def test_45_layer_feature_family_is_one_grid_figure(tmp_path):
+    histograms = [make_histogram(f"EC_r_layer_{i}") for i in range(45)] + [make_histogram("E_tot/E_inc")]
+    paths = plots.plot_feature_histograms(histograms, tmp_path)
+    assert {p.name for p in paths} == {"features_E_tot_E_inc.png", "features_EC_r.png"}
+    width, height = assert_png(tmp_path / "features_EC_r.png")
+    assert width > 1.5 * height  # 9 columns x 5 rows of panels, not a near-square layout
+    # a dataset-1 family (5 layers) keeps its near-square layout
+    (tmp_path / "ds1").mkdir()
+    small = plots.plot_feature_histograms([make_histogram(f"EC_r_layer_{i}") for i in range(5)], tmp_path / "ds1")
+    assert [p.name for p in small] == ["features_EC_r.png"]
 
 
 def test_roc_dimension_and_history(tmp_path):

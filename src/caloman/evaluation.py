@@ -21,20 +21,24 @@ all at once at the end: a failed evaluation leaves nothing new there.
 
 Files are read in chunks: the reference twice (the voxel-energy histogram's
 edges need the reference's largest voxel, found in the first pass), the
-generated file once. Only the classifier tests need whole samples in memory.
+generated file once. The steps that need whole showers (classifier tests, PRDC,
+the per-energy average-shower plot) get seeded random sub-samples, chosen before
+reading and gathered chunk by chunk; their bounds are settings of
+:class:`EvaluationConfig` (docs/evaluation.md, "Evaluation at scale").
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import logging
 import math
 import platform
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -95,6 +99,17 @@ class EvaluationConfig:
         prdc_k: nearest neighbours of PRDC (challenge default 5).
         prdc_max_showers: PRDC uses a seeded random sub-sample of at most this many
             showers per sample (its cost grows as n_ref * n_gen).
+        prdc_max_values: and of at most this many voxel values (showers x voxels) per
+            sample, which bounds its memory (held as float64) and time on the large
+            binnings: 10,000 showers for datasets 1 and 2, 2,469 for dataset 3.
+        classifier_max_showers: the classifier tests use at most this many showers per
+            class (None: as many as the setting and ``classifier_max_values`` allow).
+        classifier_max_values: the network settings ("full", "quick") keep at most this
+            many (showers x inputs) values per class (all of dataset 1's 121,000 showers;
+            about 15,000 for dataset 2, 2,466 for dataset 3); the strong setting at most
+            this many and at most its own 50,000,000 (a cost bound, see
+            :mod:`caloman.metrics.strong`). Only the chosen showers are kept while the
+            files stream, so memory follows these bounds, not the file sizes.
         plots: draw the pictures into ``out_dir/plots``.
         plot_max_voxels: the per-energy average-shower pictures use a seeded random
             sub-sample of at most this many voxel values (showers x voxels) per sample,
@@ -112,6 +127,9 @@ class EvaluationConfig:
     prdc: bool = True
     prdc_k: int = 5
     prdc_max_showers: int = 10_000
+    prdc_max_values: int = 100_000_000
+    classifier_max_showers: int | None = None
+    classifier_max_values: int = 100_000_000
     plots: bool = True
     plot_max_voxels: int = 20_000_000
     weights: bool = False
@@ -123,9 +141,25 @@ class EvaluationConfig:
             raise ConfigError(f"max_showers must be a positive number of showers, got {self.max_showers}")
         if self.prdc_k < 1 or self.prdc_max_showers < 1 or self.plot_max_voxels < 1:
             raise ConfigError("prdc_k, prdc_max_showers and plot_max_voxels must be positive")
+        if self.prdc_max_values < 1 or self.classifier_max_values < 1:
+            raise ConfigError(f"prdc_max_values and classifier_max_values must be positive numbers of values, got "
+                              f"{self.prdc_max_values} and {self.classifier_max_values}")
+        if self.classifier_max_showers is not None and self.classifier_max_showers < 10:
+            raise ConfigError(f"classifier_max_showers must be at least 10 showers per class, got "
+                              f"{self.classifier_max_showers}")
+        for name in ("max_showers", "prdc_k", "prdc_max_showers", "prdc_max_values", "classifier_max_showers",
+                     "classifier_max_values", "plot_max_voxels"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | np.integer)):
+                raise ConfigError(f"{name} must be a whole number, got {value!r}")
         if self.weights and self.classifier not in ("strong", "none"):
             raise ConfigError(f"weighted evaluation runs the classifier test with --classifier strong or none, not "
                               f"{self.classifier!r}")
+
+
+    def prdc_showers(self, binning: Binning) -> int:
+        """Showers per sample PRDC uses at most (``prdc_max_showers``, ``prdc_max_values``)."""
+        return min(self.prdc_max_showers, max(self.prdc_k + 1, self.prdc_max_values // binning.n_voxels))
 
 
 # -- where showers come from ----------------------------------------------------------
@@ -212,20 +246,28 @@ def _check_arrays(name: str, arrays: tuple[np.ndarray, np.ndarray], binning: Bin
     return incident, showers
 
 
+@dataclass(frozen=True)
+class _Gather:
+    """Rows a later step needs, collected while a sample streams: ``build`` turns the
+    selected rows of a chunk (incident energies (n,), thresholded showers (n, V)) into
+    a tuple of arrays with n rows each (default: the rows themselves)."""
+
+    positions: np.ndarray          # sorted positions among the rows in use
+    build: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, ...]] | None = None
+
+
 class _Accumulator:
     """Everything one streaming pass over a sample collects."""
 
-    def __init__(self, sample: _Sample, *, keep_showers: bool, gather: dict[str, np.ndarray]) -> None:
+    def __init__(self, sample: _Sample, *, gather: dict[str, _Gather]) -> None:
         self.binning = sample.binning
         self.parts: list[ShowerFeatures] = []
         self.max_voxel: np.floating | None = None
         self.sum_shower = np.zeros(sample.binning.n_voxels)
         self.n = 0
-        self.keep_showers = keep_showers
-        self.kept: list[tuple[np.ndarray, np.ndarray]] = []
         self.weights = sample.weights              # (n_used,) or None
-        self.gather = gather                       # name -> sorted positions among the rows in use
-        self.gathered: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {k: [] for k in gather}
+        self.gather = gather
+        self.gathered: dict[str, list[tuple[np.ndarray, ...]]] = {k: [] for k in gather}
 
     def add(self, incident: np.ndarray, showers: np.ndarray) -> None:
         self.parts.append(compute_features(incident, showers, self.binning))
@@ -235,13 +277,12 @@ class _Accumulator:
         weights = self.chunk_weights(len(incident))
         self.sum_shower += (showers.sum(axis=0, dtype=np.float64) if weights is None
                             else weights @ showers.astype(np.float64))
-        if self.keep_showers:
-            self.kept.append((incident, showers))
-        for key, positions in self.gather.items():
-            lo, hi = np.searchsorted(positions, [self.n, self.n + len(incident)])
+        for key, gather in self.gather.items():
+            lo, hi = np.searchsorted(gather.positions, [self.n, self.n + len(incident)])
             if hi > lo:
-                local = positions[lo:hi] - self.n
-                self.gathered[key].append((incident[local], showers[local]))
+                local = gather.positions[lo:hi] - self.n
+                rows = (incident[local], showers[local])
+                self.gathered[key].append(rows if gather.build is None else gather.build(*rows))
         self.n += len(incident)
 
     def chunk_weights(self, n: int) -> np.ndarray | None:
@@ -255,17 +296,18 @@ class _Accumulator:
         total = self.n if self.weights is None else float(self.weights.sum())
         return self.sum_shower / max(total, 1e-300) if self.n else self.sum_shower
 
-    def collected(self, key: str) -> tuple[np.ndarray, np.ndarray]:
-        return _stack(self.gathered[key], self.binning.n_voxels)
+    def collected(self, key: str) -> tuple[np.ndarray, ...]:
+        """The gathered rows of ``key`` joined, (incident energies, showers) by default."""
+        pieces = self.gathered[key]
+        if not pieces:
+            return np.zeros(0), np.zeros((0, self.binning.n_voxels))
+        return tuple(np.concatenate([piece[i] for piece in pieces]) for i in range(len(pieces[0])))
 
-    def all_showers(self) -> tuple[np.ndarray, np.ndarray]:
-        return _stack(self.kept, self.binning.n_voxels)
-
-
-def _stack(pieces: list[tuple[np.ndarray, np.ndarray]], n_voxels: int) -> tuple[np.ndarray, np.ndarray]:
-    if not pieces:
-        return np.zeros(0), np.zeros((0, n_voxels))
-    return np.concatenate([p[0] for p in pieces]), np.concatenate([p[1] for p in pieces])
+    def release(self, key: str) -> tuple[np.ndarray, ...]:
+        """:meth:`collected`, then forget the pieces (their memory is freed)."""
+        joined = self.collected(key)
+        self.gathered[key] = []
+        return joined
 
 
 def _positions(n_used: int, at_most: int, rng: np.random.Generator) -> np.ndarray:
@@ -345,7 +387,8 @@ def _evaluate(samples: dict[str, _Sample], binning: Binning, out_dir: Path, conf
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"output folder {out_dir} is an existing file; give a folder name")
     laps = _Laps()
-    accumulators, voxel_histogram = _read_samples(samples, binning, config, laps)
+    classifier_plan = _ClassifierPlan(samples, binning, config)
+    accumulators, voxel_histogram = _read_samples(samples, binning, config, classifier_plan, laps)
     ref_features, gen_features = accumulators["reference"].features(), accumulators["generated"].features()
     histograms = feature_histograms(ref_features, gen_features, binning, voxel_histogram,
                                     generated_weights=samples["generated"].weights)
@@ -354,7 +397,8 @@ def _evaluate(samples: dict[str, _Sample], binning: Binning, out_dir: Path, conf
     # Everything is written into a temporary folder that replaces out_dir's entries
     # only at the end: invalid input or a failure on the way leaves nothing behind.
     with atomic_directory(out_dir) as work_dir:
-        classifier_results = _classifier_tests(metrics, accumulators, binning, config, laps)
+        metrics["classifier_showers_per_class"] = classifier_plan.n_per_class()
+        classifier_results = classifier_plan.run(metrics, accumulators, laps)
         _physics_distances(metrics, ref_features, gen_features, config, laps)
         _precision_recall(metrics, accumulators, config, laps)
         if config.plots:
@@ -367,25 +411,27 @@ def _evaluate(samples: dict[str, _Sample], binning: Binning, out_dir: Path, conf
     return metrics
 
 
-def _read_samples(samples: dict[str, _Sample], binning: Binning, config: EvaluationConfig, laps: _Laps
+def _read_samples(samples: dict[str, _Sample], binning: Binning, config: EvaluationConfig,
+                  classifier_plan: _ClassifierPlan, laps: _Laps
                   ) -> tuple[dict[str, _Accumulator], VoxelEnergyHistogram]:
-    """Stream both samples: features, sums, kept showers, sub-samples and the voxel-energy histogram.
+    """Stream both samples: features, sums, sub-samples, classifier inputs and the voxel-energy histogram.
 
     Pass 1 over the reference: features, largest voxel, sums; the pass over the
     generated sample fills the voxel histogram too (its edges need the
     reference's largest voxel); pass 2 over the reference fills its voxel histogram.
     Returns the accumulators by sample name and the voxel-energy histogram.
     """
-    keep = config.classifier != "none"
     accumulators = {}
     for name, sample in samples.items():
         rng = np.random.default_rng([config.seed, 1])  # same rows on both sides, as in _make_samples
         gather = {}
         if config.prdc:
-            gather["prdc"] = _positions(sample.n_used, config.prdc_max_showers, rng)
+            gather["prdc"] = _Gather(_positions(sample.n_used, config.prdc_showers(binning), rng))
         if config.plots:
-            gather["plot"] = _positions(sample.n_used, max(1, config.plot_max_voxels // binning.n_voxels), rng)
-        accumulators[name] = _Accumulator(sample, keep_showers=keep, gather=gather)
+            gather["plot"] = _Gather(_positions(sample.n_used, max(1, config.plot_max_voxels // binning.n_voxels),
+                                                rng))
+        gather.update(classifier_plan.gathers[name])
+        accumulators[name] = _Accumulator(sample, gather=gather)
 
     ref_acc, gen_acc = accumulators["reference"], accumulators["generated"]
     logger.info("evaluate: reading %d reference and %d generated showers", samples["reference"].n_used,
@@ -398,12 +444,8 @@ def _read_samples(samples: dict[str, _Sample], binning: Binning, config: Evaluat
         voxel_hist.add_generated(showers, gen_acc.chunk_weights(len(incident)))
         gen_acc.add(incident, showers)
     laps("generated_features")
-    if ref_acc.keep_showers:
-        for _, showers in ref_acc.kept:
-            voxel_hist.add_reference(showers)
-    else:
-        for _, showers in samples["reference"].chunks("reference voxel energies"):
-            voxel_hist.add_reference(showers)
+    for _, showers in samples["reference"].chunks("reference voxel energies"):
+        voxel_hist.add_reference(showers)
     laps("reference_voxel_histogram")
     return accumulators, voxel_hist
 
@@ -461,39 +503,94 @@ def _classifier_entry(result: ClassifierResult) -> dict[str, Any]:
     return entry
 
 
-def _classifier_tests(metrics: dict[str, Any], accumulators: dict[str, _Accumulator], binning: Binning,
-                      config: EvaluationConfig, laps: _Laps) -> list[ClassifierResult]:
-    """Run the three classifier tests of ``config.classifier`` into ``metrics["classifier"]``."""
-    if config.classifier == "none":
-        return []
-    if config.classifier == "strong":
-        run_strong_test = _optional("caloman.metrics.strong", "run_strong_test", "the classifier tests",
-                                    "--classifier none")
+class _ClassifierPlan:
+    """Which showers each classifier test uses, and how its inputs are built while the files stream.
 
-        weights = accumulators["generated"].weights
+    The rows are chosen before reading (seeded, from the sample sizes alone) and only
+    they are kept: for the strong setting the inputs of each kind
+    (:func:`caloman.metrics.strong.strong_inputs`, row by row, so the same numbers as
+    from whole arrays), for the networks the thresholded showers. Memory then grows
+    with the sub-sample, never with the files.
+    """
 
-        def run_test(kind, reference, generated):
-            return run_strong_test(kind, reference, generated, binning, seed=config.seed, generated_weights=weights)
-    else:
-        run_classifier_test = _optional("caloman.metrics.classifier", "run_classifier_test",
-                                        "the classifier tests", "--classifier none")
+    def __init__(self, samples: dict[str, _Sample], binning: Binning, config: EvaluationConfig) -> None:
+        self.binning, self.config = binning, config
+        self.gathers: dict[str, dict[str, _Gather]] = {"reference": {}, "generated": {}}
+        self.rows: dict[str, tuple[np.ndarray, np.ndarray]] = {}    # gather key -> (reference, generated) rows
+        n_ref, n_gen = samples["reference"].n_used, samples["generated"].n_used
+        if config.classifier == "strong":
+            strong = _optional("caloman.metrics.strong", None, "the classifier tests", "--classifier none")
+            base = strong.StrongClassifierSettings()
+            at_most = base.max_showers_per_class
+            if config.classifier_max_showers is not None:
+                at_most = _smallest(config.classifier_max_showers, at_most)
+            self.module, self.settings = strong, replace(
+                base, max_showers_per_class=at_most,
+                max_values_per_class=min(base.max_values_per_class, config.classifier_max_values))
+            for kind in CLASSIFIER_KINDS:
+                n_inputs = strong.strong_input_count(kind, binning)
+                rows = strong.strong_rows(n_ref, n_gen, n_inputs, self.settings, config.seed)
+                self._add(f"classifier_{kind}", rows, functools.partial(_strong_inputs, strong, kind, binning))
+        elif config.classifier != "none":
+            network = _optional("caloman.metrics.classifier", None, "the classifier tests", "--classifier none")
+            self.module, self.settings = network, network.resolve_settings(config.classifier, binning)
+            # The widest input (low_normed: log10 E_inc, voxels, one energy per layer) bounds the memory.
+            n_inputs = 1 + binning.n_voxels + len(binning.relevant_layers)
+            at_most = _smallest(max(1, config.classifier_max_values // n_inputs), config.classifier_max_showers)
+            self._add("classifier", network.classifier_rows(n_ref, n_gen, self.settings, config.seed, at_most))
 
-        def run_test(kind, reference, generated):
-            return run_classifier_test(kind, reference, generated, binning, setting=config.classifier,
-                                       seed=config.seed)
+    def _add(self, key: str, rows: tuple[np.ndarray, np.ndarray], build: Callable | None = None) -> None:
+        self.rows[key] = rows
+        for name, chosen in zip(("reference", "generated"), rows):
+            self.gathers[name][key] = _Gather(np.unique(chosen), build)
 
-    ref_acc, gen_acc = accumulators["reference"], accumulators["generated"]
-    reference, generated = ref_acc.all_showers(), gen_acc.all_showers()
-    ref_acc.kept, gen_acc.kept = [], []  # the concatenated copies are all we need now
-    reference = (reference[0].astype(np.float64), reference[1])
-    generated = (generated[0].astype(np.float64), generated[1])
-    results = []
-    for kind in CLASSIFIER_KINDS:
-        result = run_test(kind, reference, generated)
-        results.append(result)
-        metrics["classifier"][kind] = _classifier_entry(result)
-        laps(f"classifier_{kind}")
-    return results
+    def n_per_class(self) -> dict[str, int]:
+        """Showers per class of each gathered sub-sample (recorded in metrics.json)."""
+        return {key: len(rows[0]) for key, rows in self.rows.items()}
+
+    def run(self, metrics: dict[str, Any], accumulators: dict[str, _Accumulator], laps: _Laps
+            ) -> list[ClassifierResult]:
+        """Run the three tests into ``metrics["classifier"]``."""
+        if self.config.classifier == "none":
+            return []
+        ref_acc, gen_acc = accumulators["reference"], accumulators["generated"]
+        results = []
+        for kind in CLASSIFIER_KINDS:
+            if self.config.classifier == "strong":
+                key = f"classifier_{kind}"
+                weights = gen_acc.weights
+                result = self.module.run_strong_test_on_inputs(
+                    kind, ref_acc.release(key), gen_acc.release(key), self.settings, seed=self.config.seed,
+                    generated_weights=None if weights is None else weights[self.rows[key][1]])
+            else:
+                reference = _in_order(ref_acc.collected("classifier"), self.rows["classifier"][0])
+                generated = _in_order(gen_acc.collected("classifier"), self.rows["classifier"][1])
+                result = self.module.run_classifier_test(kind, reference, generated, self.binning,
+                                                         setting=self.config.classifier, seed=self.config.seed,
+                                                         preselected=True)
+            results.append(result)
+            metrics["classifier"][kind] = _classifier_entry(result)
+            laps(f"classifier_{kind}")
+        return results
+
+
+def _smallest(value: int, cap: int | None) -> int:
+    """``value``, cut to ``cap`` unless that is None."""
+    return value if cap is None else min(value, cap)
+
+
+def _strong_inputs(strong: Any, kind: str, binning: Binning, incident: np.ndarray, showers: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(incident energies (n,) float64, strong inputs (n, n_inputs) float32) of one chunk's chosen rows."""
+    energies = incident.astype(np.float64)
+    return energies, strong.strong_inputs(kind, energies, showers, binning)
+
+
+def _in_order(gathered: tuple[np.ndarray, ...], rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows gathered in file order, put into the order ``rows`` (distinct indices) lists them."""
+    incident, showers = gathered
+    order = np.searchsorted(np.sort(rows), rows)
+    return incident[order].astype(np.float64), showers[order]
 
 
 def _physics_distances(metrics: dict[str, Any], ref_features: ShowerFeatures, gen_features: ShowerFeatures,
@@ -639,6 +736,21 @@ def classifier_summary_lines(classifier: dict[str, dict[str, Any]]) -> list[str]
     return lines
 
 
+def _bounds_lines(metrics: dict[str, Any]) -> list[str]:
+    """The sub-sample bounds of the config and the sub-samples used (evaluation at scale)."""
+    config = metrics.get("config") or {}
+    if "classifier_max_values" not in config:
+        return []
+    per_class = metrics.get("classifier_showers_per_class") or {}
+    used = ", ".join(f"{key.removeprefix('classifier_') or key} {n}" for key, n in per_class.items())
+    prdc = (metrics.get("prdc") or {}).get("n_showers")
+    return [f"- sub-samples (seeded): classifier showers per class {used or 'none'} (bounds: "
+            f"classifier_max_showers {config.get('classifier_max_showers')}, classifier_max_values "
+            f"{config['classifier_max_values']:,}); PRDC showers per sample "
+            f"{prdc['reference'] if prdc else 'none'} (prdc_max_showers {config.get('prdc_max_showers'):,}, "
+            f"prdc_max_values {config.get('prdc_max_values'):,})"]
+
+
 def render_summary(metrics: dict[str, Any]) -> str:
     """Markdown summary of a metrics dict (as written to ``summary.md``)."""
     lines = ["# caloman evaluation", ""]
@@ -652,7 +764,8 @@ def render_summary(metrics: dict[str, Any]) -> str:
         lines.append(f"- generated showers weighted (`--weights`): ESS fraction {weights['ess_fraction']:.3f}, "
                      f"largest weight {weights['max']:.3g}")
     lines += [f"- binning: {metrics['binning']}, readout threshold {metrics['threshold_mev']:.6g} MeV, "
-              f"seed {metrics['seed']}", f"- caloman {metrics['caloman_version']}", ""]
+              f"seed {metrics['seed']}", f"- caloman {metrics['caloman_version']}"]
+    lines += _bounds_lines(metrics) + [""]
 
     lines += ["## Separation power of feature histograms", "",
               "Chi-squared separation power (0: identical, 1: disjoint); lower is better.", "",

@@ -59,8 +59,10 @@ POLAR_DPI = 100
 GRID_COLUMNS = 9
 #: At most this many layers per row in the per-energy figure (datasets 2/3 show a spread of layers).
 MAX_LAYERS_PER_ENERGY_ROW = 9
-#: Feature-histogram panels per figure.
+#: Feature-histogram panels per figure in a near-square layout (dataset 1's families all fit).
 MAX_PANELS_PER_FIGURE = 16
+#: A family with more panels (45 layers) is one grid of ``GRID_COLUMNS`` columns, up to this many panels.
+MAX_PANELS_PER_GRID = 54
 #: Decades of mean voxel energy spanned by the log colour scale below its maximum.
 COLOUR_DECADES = 6
 #: Angular resolution of the polar meshes: alpha bins are split so a full turn has at least this many steps,
@@ -468,11 +470,13 @@ def _grid_margins(nrows: int, ncols: int) -> dict[str, float]:
 
 def plot_feature_histograms(histograms: Sequence[FeatureHistogram], out_dir: Path) -> list[Path]:
     """One PNG per feature family (E_tot/E_inc, E_layer, EC_eta, ..., voxel_energy, E_tot/E_inc per
-    energy), one panel per layer or energy, at most ``MAX_PANELS_PER_FIGURE`` panels per PNG.
+    energy), one panel per layer or energy.
 
-    Reference is drawn filled, generated as a line, the separation power in each legend. Files are
-    named ``features_<family>.png``, or ``features_<family>_<i>of<n>.png`` when a family is split
-    (45-layer datasets). Returns the paths written, in family order.
+    Up to ``MAX_PANELS_PER_FIGURE`` panels are laid out near-square; a family with more (the
+    45 layers of datasets 2 and 3) is one grid of ``GRID_COLUMNS`` columns, so each family stays
+    one file to open. Reference is drawn filled, generated as a line, the separation power in
+    each legend. Files are named ``features_<family>.png``, or ``features_<family>_<i>of<n>.png``
+    for a family of more than ``MAX_PANELS_PER_GRID`` panels. Returns the paths written, in family order.
     """
     for h in histograms:
         _check_histogram(h)
@@ -487,12 +491,13 @@ def plot_feature_histograms(histograms: Sequence[FeatureHistogram], out_dir: Pat
         if slug not in grouped:
             continue
         items = sorted(grouped[slug], key=lambda item: item[0])
-        parts = _split_panels(len(items))
+        parts = _split_panels(len(items), MAX_PANELS_PER_GRID)
         n_parts = len(parts)
         for part, panels in enumerate(parts):
             chunk = items[panels]
             name = f"features_{slug}.png" if n_parts == 1 else f"features_{slug}_{part + 1}of{n_parts}.png"
-            ncols = min(len(chunk), math.ceil(math.sqrt(len(chunk))))
+            ncols = (min(len(chunk), math.ceil(math.sqrt(len(chunk)))) if len(chunk) <= MAX_PANELS_PER_FIGURE
+                     else GRID_COLUMNS)
             nrows = math.ceil(len(chunk) / ncols)
             with _figure(*_grid_size(nrows, ncols), layout=None) as fig:
                 axes = fig.subplots(nrows, ncols, squeeze=False, gridspec_kw=_grid_margins(nrows, ncols)).ravel()

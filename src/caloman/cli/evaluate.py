@@ -39,6 +39,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--seed", type=int, default=42, help="seed of every random choice (default 42, jetnet's)")
     parser.add_argument("--max-showers", type=_positive_int, default=None,
                         help="use at most N showers of each file, a seeded random subset")
+    parser.add_argument("--classifier-max-showers", type=_positive_int, default=None,
+                        help="the classifier tests use at most N showers per class, a seeded random subset "
+                             "(default: as many as the setting's memory and time bounds allow; see "
+                             "docs/evaluation.md, 'Evaluation at scale')")
     parser.add_argument("--no-plots", action="store_true", help="skip the pictures")
     parser.add_argument("--no-distances", action="store_true", help="skip FPD/KPD and PRDC")
     parser.add_argument("--weights", action="store_true",
@@ -55,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise ConfigError(f"--out {args.out} is an existing file; give a folder name")
     config = EvaluationConfig(classifier=args.classifier, seed=args.seed, max_showers=args.max_showers,
+                              classifier_max_showers=args.classifier_max_showers,
                               fpd_kpd=not args.no_distances, prdc=not args.no_distances, plots=not args.no_plots,
                               weights=args.weights)
     if args.classifier == "full":

@@ -279,9 +279,27 @@ def _accuracy(labels: np.ndarray, probabilities: np.ndarray) -> float:
     return float(np.mean((probabilities > 0.5) == (labels > 0.5)))
 
 
+def classifier_rows(n_reference: int, n_generated: int, settings: ClassifierSettings, seed: int,
+                    max_showers: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The showers a network test keeps, in the shuffled order its split uses.
+
+    Each class is shuffled (seeded) and cut to the smaller class, to the settings'
+    ``max_showers_per_class`` and to ``max_showers`` (the caller's memory bound).
+    Returns row indices (n_per_class,) into the reference and into the generated sample.
+    """
+    rng = np.random.default_rng(seed)
+    caps = [n_reference, n_generated, settings.max_showers_per_class, max_showers]
+    n_per_class = min(cap for cap in caps if cap is not None)
+    # Shuffle each class before cutting so the kept subset and the split are random.
+    ref_keep = rng.permutation(n_reference)[:n_per_class]
+    gen_keep = rng.permutation(n_generated)[:n_per_class]
+    return ref_keep, gen_keep
+
+
 def run_classifier_test(kind: str, reference: tuple[np.ndarray, np.ndarray],
                         generated: tuple[np.ndarray, np.ndarray], binning: Binning,
-                        setting: str | ClassifierSettings, seed: int) -> ClassifierResult:
+                        setting: str | ClassifierSettings, seed: int, *, preselected: bool = False
+                        ) -> ClassifierResult:
     """Train a classifier to separate reference from generated showers and score it.
 
     Args:
@@ -294,7 +312,9 @@ def run_classifier_test(kind: str, reference: tuple[np.ndarray, np.ndarray],
             order; the same seed gives the same numbers on the same machine.
 
     Both classes are shuffled and cut to the smaller size (the challenge requires
-    equal sizes), and to ``max_showers_per_class`` when set.
+    equal sizes), and to ``max_showers_per_class`` when set (:func:`classifier_rows`).
+    ``preselected=True``: ``reference`` and ``generated`` are those rows already, in
+    that order (as read chunk by chunk from files); they are used as given.
 
     Returns:
         :class:`ClassifierResult` with AUC, JSD and the ROC curve on the validation
@@ -307,14 +327,15 @@ def run_classifier_test(kind: str, reference: tuple[np.ndarray, np.ndarray],
     ref_energies, ref_showers = check_showers(*reference, binning, "reference")
     gen_energies, gen_showers = check_showers(*generated, binning, "generated")
 
-    rng = np.random.default_rng(seed)
-    n_per_class = min(len(ref_energies), len(gen_energies))
-    if settings.max_showers_per_class is not None:
-        n_per_class = min(n_per_class, settings.max_showers_per_class)
+    if preselected:
+        if len(ref_energies) != len(gen_energies):
+            raise ConfigError(f"preselected classes must be equal: {len(ref_energies)} reference and "
+                              f"{len(gen_energies)} generated showers")
+        ref_keep = gen_keep = np.arange(len(ref_energies))
+    else:
+        ref_keep, gen_keep = classifier_rows(len(ref_energies), len(gen_energies), settings, seed)
+    n_per_class = len(ref_keep)
     n_train, n_test, _ = split_sizes(n_per_class, settings)
-    # Shuffle each class before cutting so the kept subset and the split are random.
-    ref_keep = rng.permutation(len(ref_energies))[:n_per_class]
-    gen_keep = rng.permutation(len(gen_energies))[:n_per_class]
     ref_inputs = classifier_inputs(kind, ref_energies[ref_keep], ref_showers[ref_keep], binning)
     gen_inputs = classifier_inputs(kind, gen_energies[gen_keep], gen_showers[gen_keep], binning)
 

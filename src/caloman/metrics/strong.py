@@ -30,8 +30,21 @@ calibrated, so no isotonic step is added.
 
 Cost grows with showers x inputs; both classes are cut to equal size, and to
 at most ``max_values_per_class / n_inputs`` showers (dataset 1: all of 100,000;
-dataset 2: about 7,400; dataset 3: about 1,200) so a test stays within minutes
-on two cores. The showers kept are a seeded random subset.
+dataset 2: about 7,400; dataset 3: about 1,200 for the low-level kinds, about
+79,000 for the high-level one) so a test stays within minutes on two cores. The
+showers kept are a seeded random subset of each class (:func:`strong_rows`), drawn
+over the whole file, so the incident energies keep the file's spectrum; the
+number per energy is reported (``n_per_energy``). :func:`strong_inputs` works row
+by row, so a caller may build the inputs chunk by chunk from a file
+(:func:`run_strong_test_on_inputs`) and get the same numbers as from whole arrays.
+
+Memory of the trees grows with inputs x histogram bins: scikit-learn keeps one
+histogram of ``n_inputs x (max_bins + 1)`` 20-byte entries per open leaf. For
+the 40,772 low-level inputs of dataset 3 at 255 bins that is 209 MB per leaf,
+several GB per tree. So the bins are cut to keep ``max_leaf_nodes`` histograms
+within ``max_histogram_bytes`` (:meth:`StrongClassifierSettings.max_bins`):
+dataset 1 and 2 keep 255 bins; dataset 3's low-level kinds get 58 quantile bins per
+input (every voxel is still an input; only the trees' split points are coarser).
 """
 
 from __future__ import annotations
@@ -58,10 +71,17 @@ from caloman.metrics.classifier import (
 )
 from caloman.progress import ProgressBar
 
-__all__ = ["StrongClassifierSettings", "energy_groups", "run_strong_test", "strong_inputs"]
+__all__ = ["StrongClassifierSettings", "energy_groups", "run_strong_test", "run_strong_test_on_inputs",
+           "strong_input_count", "strong_inputs", "strong_rows"]
 
 #: Voxel-energy bands per layer in the strong inputs: [t, 2t), [2t, 4t), ..., [2^(B-1) t, inf), t the threshold.
 SPECTRUM_BANDS = 5
+
+#: Bytes of one histogram entry of scikit-learn's boosted trees (sum of gradients, sum of hessians, count).
+HISTOGRAM_ENTRY_BYTES = 20
+
+#: The trees never use fewer bins than this (or more than scikit-learn's 255).
+MIN_BINS, MAX_BINS = 16, 255
 
 #: A spectrum with at most this many distinct incident energies is a ladder: one AUC per energy.
 MAX_DISCRETE_ENERGIES = 40
@@ -84,6 +104,8 @@ class StrongClassifierSettings:
         energy_bins: log-spaced incident-energy bins for a continuous spectrum.
         min_showers_per_energy: per class, the fewest showers for an AUC at one energy.
         max_threads: OpenMP threads of the trees.
+        max_histogram_bytes: the trees' open-leaf histograms stay within this many
+            bytes (see :meth:`max_bins`).
     """
 
     name: str = "strong"
@@ -98,6 +120,7 @@ class StrongClassifierSettings:
     energy_bins: int = 10
     min_showers_per_energy: int = 20
     max_threads: int = 2
+    max_histogram_bytes: int = 1_500_000_000
 
     def __post_init__(self) -> None:
         problems = []
@@ -111,6 +134,8 @@ class StrongClassifierSettings:
             problems.append(f"validation_fraction must lie in (0, 0.5), got {self.validation_fraction}")
         if self.max_showers_per_class is not None and self.max_showers_per_class < 10:
             problems.append(f"max_showers_per_class must be >= 10, got {self.max_showers_per_class}")
+        if self.max_histogram_bytes < 1_000_000:
+            problems.append(f"max_histogram_bytes must be >= 1e6, got {self.max_histogram_bytes}")
         if self.max_values_per_class < 1000 or self.energy_bins < 1 or self.min_showers_per_energy < 2:
             problems.append("max_values_per_class must be >= 1000, energy_bins >= 1, min_showers_per_energy >= 2")
         if problems:
@@ -120,6 +145,13 @@ class StrongClassifierSettings:
         """How many showers of each class a test uses."""
         n = min(n_available, self.max_values_per_class // max(1, n_inputs))
         return n if self.max_showers_per_class is None else min(n, self.max_showers_per_class)
+
+    def max_bins(self, n_inputs: int) -> int:
+        """Histogram bins per input: 255 unless ``max_leaf_nodes`` histograms of
+        ``n_inputs x (bins + 1)`` entries would exceed ``max_histogram_bytes``
+        (never below :data:`MIN_BINS`)."""
+        per_bin = max(1, n_inputs) * HISTOGRAM_ENTRY_BYTES * self.max_leaf_nodes
+        return int(np.clip(self.max_histogram_bytes // per_bin - 1, MIN_BINS, MAX_BINS))
 
 
 def _energy_key(mev: float) -> str:
@@ -178,9 +210,36 @@ def strong_inputs(kind: str, incident_energies: np.ndarray, showers: np.ndarray,
                           axis=1).astype(np.float32)
 
 
-def _make_model(settings: StrongClassifierSettings, seed: int) -> HistGradientBoostingClassifier:
+def strong_input_count(kind: str, binning: Binning) -> int:
+    """Number of columns :func:`strong_inputs` gives for ``kind`` and ``binning``."""
+    empty = np.zeros((1, binning.n_voxels), dtype=np.float32)
+    return strong_inputs(kind, np.ones(1), empty, binning).shape[1]
+
+
+def strong_rows(n_reference: int, n_generated: int, n_inputs: int, settings: StrongClassifierSettings,
+                seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The showers a strong test keeps: equal, seeded random subsets of both classes.
+
+    Args:
+        n_reference, n_generated: showers available in each class.
+        n_inputs: inputs per shower (:func:`strong_input_count`).
+    Returns:
+        sorted row indices (n_per_class,) into the reference and into the generated sample.
+    """
+    n_per_class = settings.showers_per_class(min(n_reference, n_generated), n_inputs)
+    if n_per_class < settings.n_folds * 5:
+        raise ConfigError(f"{n_per_class} showers per class are too few for a {settings.n_folds}-fold classifier "
+                          "test; give more showers")
+    rng = np.random.default_rng(seed)
+    ref_keep = np.sort(rng.permutation(n_reference)[:n_per_class])
+    gen_keep = np.sort(rng.permutation(n_generated)[:n_per_class])
+    return ref_keep, gen_keep
+
+
+def _make_model(settings: StrongClassifierSettings, seed: int, n_inputs: int) -> HistGradientBoostingClassifier:
     return HistGradientBoostingClassifier(
-        max_iter=settings.max_iter, learning_rate=settings.learning_rate, max_leaf_nodes=settings.max_leaf_nodes,
+        max_iter=settings.max_iter, max_bins=settings.max_bins(n_inputs),
+        learning_rate=settings.learning_rate, max_leaf_nodes=settings.max_leaf_nodes,
         early_stopping=True, validation_fraction=settings.validation_fraction,
         n_iter_no_change=settings.n_iter_no_change, random_state=seed)
 
@@ -203,31 +262,17 @@ class _CrossFit:
 
 
 def _balanced_inputs(kind: str, reference: tuple[np.ndarray, np.ndarray], generated: tuple[np.ndarray, np.ndarray],
-                     binning: Binning, settings: StrongClassifierSettings, seed: int,
-                     generated_weights: np.ndarray | None = None
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, np.ndarray]:
-    """Equal, seeded random subsets of both classes as (inputs, labels (1: reference), incident energies,
-    showers per class, sample weights); reference rows first. Sample weights are 1, or for
-    the generated class ``generated_weights`` of the kept rows scaled to sum to its count."""
+                     binning: Binning, settings: StrongClassifierSettings, seed: int
+                     ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray], np.ndarray]:
+    """(energies, inputs) of the kept reference and generated showers (:func:`strong_rows`),
+    and the kept generated rows."""
     ref_energies, ref_showers = check_showers(*reference, binning, "reference")
     gen_energies, gen_showers = check_showers(*generated, binning, "generated")
-    rng = np.random.default_rng(seed)
-    n_inputs = strong_inputs(kind, ref_energies[:1], ref_showers[:1], binning).shape[1]
-    n_per_class = settings.showers_per_class(min(len(ref_energies), len(gen_energies)), n_inputs)
-    if n_per_class < settings.n_folds * 5:
-        raise ConfigError(f"{n_per_class} showers per class are too few for a {settings.n_folds}-fold classifier "
-                          "test; give more showers")
-    ref_keep = np.sort(rng.permutation(len(ref_energies))[:n_per_class])
-    gen_keep = np.sort(rng.permutation(len(gen_energies))[:n_per_class])
-    energies = np.concatenate([ref_energies[ref_keep], gen_energies[gen_keep]])
-    inputs = np.concatenate([strong_inputs(kind, ref_energies[ref_keep], ref_showers[ref_keep], binning),
-                             strong_inputs(kind, gen_energies[gen_keep], gen_showers[gen_keep], binning)])
-    labels = np.concatenate([np.ones(n_per_class), np.zeros(n_per_class)])
-    gen_weights = np.ones(n_per_class)
-    if generated_weights is not None:
-        kept = np.asarray(generated_weights, dtype=np.float64).reshape(-1)[gen_keep]
-        gen_weights = kept * (n_per_class / kept.sum())
-    return inputs, labels, energies, n_per_class, np.concatenate([np.ones(n_per_class), gen_weights])
+    ref_keep, gen_keep = strong_rows(len(ref_energies), len(gen_energies), strong_input_count(kind, binning),
+                                     settings, seed)
+    return ((ref_energies[ref_keep], strong_inputs(kind, ref_energies[ref_keep], ref_showers[ref_keep], binning)),
+            (gen_energies[gen_keep], strong_inputs(kind, gen_energies[gen_keep], gen_showers[gen_keep], binning)),
+            gen_keep)
 
 
 def _cross_fit(kind: str, inputs: np.ndarray, labels: np.ndarray, group: np.ndarray,
@@ -244,7 +289,7 @@ def _cross_fit(kind: str, inputs: np.ndarray, labels: np.ndarray, group: np.ndar
     with threadpool_limits(limits=settings.max_threads, user_api="openmp"), \
             ProgressBar(settings.n_folds, desc=f"classifier {kind} (strong)", unit="fold") as bar:
         for fold, (train, test) in enumerate(folds.split(inputs, strata)):
-            model = _make_model(settings, seed + fold).fit(
+            model = _make_model(settings, seed + fold, inputs.shape[1]).fit(
                 inputs[train], labels[train], sample_weight=None if weights is None else weights[train])
             p = np.clip(model.predict_proba(inputs[test])[:, 1], PROBABILITY_FLOOR, 1 - PROBABILITY_FLOOR)
             result.scores[test] = p
@@ -285,22 +330,50 @@ def run_strong_test(kind: str, reference: tuple[np.ndarray, np.ndarray], generat
     settings = settings or StrongClassifierSettings()
     if kind not in KINDS:
         raise ConfigError(f"unknown classifier input kind {kind!r}: use one of {', '.join(KINDS)}")
-    inputs, labels, energies, n_per_class, weights = _balanced_inputs(kind, reference, generated, binning, settings,
-                                                                      seed, generated_weights)
+    kept_reference, kept_generated, gen_keep = _balanced_inputs(kind, reference, generated, binning, settings, seed)
+    weights = None if generated_weights is None else np.asarray(generated_weights, dtype=np.float64).reshape(-1)
+    return run_strong_test_on_inputs(kind, kept_reference, kept_generated, settings, seed,
+                                     None if weights is None else weights[gen_keep])
+
+
+def run_strong_test_on_inputs(kind: str, reference: tuple[np.ndarray, np.ndarray],
+                              generated: tuple[np.ndarray, np.ndarray], settings: StrongClassifierSettings,
+                              seed: int = 42, generated_weights: np.ndarray | None = None) -> ClassifierResult:
+    """The strong test on inputs built already (for example chunk by chunk from a file).
+
+    Args:
+        kind: input kind, recorded in the result.
+        reference: (incident energies (n,) MeV, :func:`strong_inputs` (n, n_inputs)) of the
+            kept reference showers, in the order of :func:`strong_rows`.
+        generated: the same for the kept generated showers (same n).
+        settings, seed: as :func:`run_strong_test`.
+        generated_weights: (n,) weights of the kept generated showers, or None.
+    """
+    (ref_energies, ref_inputs), (gen_energies, gen_inputs) = reference, generated
+    n_per_class = len(ref_energies)
+    if len(gen_energies) != n_per_class or len(ref_inputs) != n_per_class or len(gen_inputs) != n_per_class:
+        raise ConfigError(f"the strong test needs equal classes: {len(ref_inputs)} reference and "
+                          f"{len(gen_inputs)} generated input rows")
+    energies = np.concatenate([ref_energies, gen_energies]).astype(np.float64)
+    inputs = np.concatenate([ref_inputs, gen_inputs])
+    labels = np.concatenate([np.ones(n_per_class), np.zeros(n_per_class)])
+    weights = None
+    if generated_weights is not None:
+        kept = np.asarray(generated_weights, dtype=np.float64).reshape(-1)
+        weights = np.concatenate([np.ones(n_per_class), kept * (n_per_class / kept.sum())])
     keys, group = energy_groups(energies, settings.energy_bins)
     counts = {key: min(int(np.count_nonzero(group[:n_per_class] == g)), int(np.count_nonzero(group[n_per_class:] == g)))
               for g, key in enumerate(keys)}
     # An AUC per energy needs both classes in every test fold.
     eligible = [(g, key) for g, key in enumerate(keys)
                 if counts[key] >= max(settings.min_showers_per_energy, settings.n_folds)]
-    fit = _cross_fit(kind, inputs, labels, group, eligible, settings, seed,
-                     None if generated_weights is None else weights)
+    fit = _cross_fit(kind, inputs, labels, group, eligible, settings, seed, weights)
 
     auc, auc_error = _mean_and_error(fit.auc)
     per_energy, per_energy_error = {}, {}
     for _, key in eligible:
         per_energy[key], per_energy_error[key] = _mean_and_error(fit.auc_per_energy[key])
-    fpr, tpr, _ = roc_curve(labels, fit.scores, sample_weight=None if generated_weights is None else weights)
+    fpr, tpr, _ = roc_curve(labels, fit.scores, sample_weight=weights)
     return ClassifierResult(kind=kind, auc=auc, jsd=float(np.mean(fit.jsd)), setting=settings.name,
                             fpr=fpr, tpr=tpr, best_epoch=int(round(float(np.mean(fit.iterations)))),
                             auc_error=auc_error, auc_per_energy=per_energy, auc_per_energy_error=per_energy_error,
