@@ -156,7 +156,6 @@ class EvaluationConfig:
             raise ConfigError(f"weighted evaluation runs the classifier test with --classifier strong or none, not "
                               f"{self.classifier!r}")
 
-
     def prdc_showers(self, binning: Binning) -> int:
         """Showers per sample PRDC uses at most (``prdc_max_showers``, ``prdc_max_values``)."""
         return min(self.prdc_max_showers, max(self.prdc_k + 1, self.prdc_max_values // binning.n_voxels))
