@@ -151,3 +151,16 @@ def test_train_unknown_voxel_count_exits_2_and_writes_nothing(tmp_path, capsys, 
     assert main(["-q", "train", str(data), "--model", "dummy", "--out", str(run)]) == 2
     _assert_unknown_count(capsys, "train")
     assert not run.exists()
+
+
+def test_write_report_writes_both_files_at_once_and_nothing_on_failure(tmp_path, capsys):
+    """The report writer that `components` and `ood` share: STEM.json and STEM.md together, echoed."""
+    import caloman.cli as cli
+
+    cli.write_report(tmp_path / "out", "ood", {"auroc": 0.5}, "| a |\n")
+    assert json.loads((tmp_path / "out" / "ood.json").read_text()) == {"auroc": 0.5}
+    assert (tmp_path / "out" / "ood.md").read_text() == "| a |\n"
+    assert capsys.readouterr().out.startswith("| a |\nwrote ")
+    with pytest.raises(TypeError):  # a report json cannot write leaves no folder behind
+        cli.write_report(tmp_path / "failed", "ood", {"x": object()}, "text")
+    assert not (tmp_path / "failed").exists()

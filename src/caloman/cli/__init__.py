@@ -66,6 +66,36 @@ def resolve_binning(binning: str | None, path: str | Path) -> str:
     return name
 
 
+def run_and_showers(args: argparse.Namespace):
+    """For commands that score a run on a shower file (``components``, ``ood``): torch CPU
+    threads from ``--threads``, the run from ``RUN``, and a seeded subset (``--max-showers``,
+    ``--seed``) of ``--data`` in the run's binning. Returns (loaded run, energies, showers)."""
+    import torch  # noqa: PLC0415
+
+    from caloman.io import load_showers  # noqa: PLC0415
+    from caloman.runs import load_run  # noqa: PLC0415
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    loaded = load_run(args.run_dir)
+    energies, showers = load_showers(args.data, loaded.binning, max_showers=args.max_showers, subset_seed=args.seed)
+    return loaded, energies, showers
+
+
+def write_report(out: Path, stem: str, report: dict, text: str) -> None:
+    """``STEM.json`` and the markdown ``STEM.md`` into the folder ``out``, all at once (a
+    failure leaves nothing there); the markdown is echoed, then where both went."""
+    import json  # noqa: PLC0415
+
+    from caloman.io import atomic_directory  # noqa: PLC0415
+
+    with atomic_directory(out) as work:
+        (work / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+        (work / f"{stem}.md").write_text(text)
+    print(text, end="" if text.endswith("\n") else "\n")
+    print(f"wrote {out / f'{stem}.json'} and {out / f'{stem}.md'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="caloman", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"caloman {__version__}")

@@ -5,7 +5,6 @@ latent codes form at each incident energy, counted on an implicit manifold fitte
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 
@@ -41,27 +40,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
+    from caloman.cli import run_and_showers, write_report
     from caloman.components import ComponentsConfig, components_per_energy, render_markdown
-    from caloman.io import atomic_directory, load_showers
-    from caloman.runs import load_run
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     config = ComponentsConfig(dims=args.dims, codimension=args.codimension, max_points=args.points,
                               epochs=args.epochs, samples=args.samples, neighbours=args.neighbours, scale=args.scale)
-    loaded = load_run(args.run_dir)
+    loaded, energies, showers = run_and_showers(args)
     loaded.model.eval()
-    energies, showers = load_showers(args.data, loaded.binning, max_showers=args.max_showers,
-                                     subset_seed=args.seed)
     rows = components_per_energy(loaded.model, energies, showers, config, seed=args.seed)
     report = {"run": str(args.run_dir), "data": str(args.data), "seed": args.seed,
               "config": config.__dict__, "energies": rows}
-    text = render_markdown(rows, config)
-    with atomic_directory(args.out) as work:
-        (work / "components.json").write_text(json.dumps(report, indent=1) + "\n")
-        (work / "components.md").write_text(text)
-    print(text, end="")
-    print(f"wrote {args.out / 'components.json'} and {args.out / 'components.md'}")
+    write_report(args.out, "components", report, render_markdown(rows, config))
     return 0

@@ -11,7 +11,6 @@ and ood.md. Any caloman run (every autoencoder: vae, ae, wae, mflow, mflow-e).""
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from caloman.metrics.defects import DEFECTS
@@ -38,26 +37,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from caloman.io import atomic_directory, load_showers
+    from caloman.cli import run_and_showers, write_report
     from caloman.ood import OodConfig, render_markdown, run_ood_check
-    from caloman.runs import load_run
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     config = OodConfig(defects=tuple(name.strip() for name in args.defects.split(",") if name.strip()),
                        seed=args.seed, max_showers=args.max_showers)
-    loaded = load_run(args.run_dir)
-    energies, showers = load_showers(args.data, loaded.binning, max_showers=args.max_showers,
-                                     subset_seed=args.seed)
+    loaded, energies, showers = run_and_showers(args)
     report = run_ood_check(loaded.model, energies, showers, loaded.binning, config)
     report["run"] = str(args.run_dir)
     report["data"] = str(args.data)
-    text = render_markdown(report)
-    with atomic_directory(args.out) as work:
-        (work / "ood.json").write_text(json.dumps(report, indent=1) + "\n")
-        (work / "ood.md").write_text(text)
-    print(text)
-    print(f"wrote {args.out / 'ood.md'} and {args.out / 'ood.json'}")
+    write_report(args.out, "ood", report, render_markdown(report))
     return 0
