@@ -23,16 +23,14 @@ Dataset-1 photons (the built-in simulator's binning of the run).
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
 import torch
-from attack_single_energy import tree_auc
+from attack_single_energy import attack_setup, tree_auc
 
 from caloman.features import high_level_names
 from caloman.metrics.strong import SPECTRUM_BANDS, strong_inputs
-from caloman.runs import load_run
 from caloman.simulation.simulator import simulate_showers
 
 
@@ -65,15 +63,7 @@ def reconstructed(model, incident: torch.Tensor, showers: np.ndarray, seed: int,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run")
-    parser.add_argument("--energies", default="512,65536,4194304", help="MeV, comma-separated")
-    parser.add_argument("--showers", type=int, default=6000)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    loaded = load_run(args.run)
-    model, binning = loaded.model.eval(), loaded.binning
+    args, model, binning = attack_setup(__doc__.splitlines()[0], "512,65536,4194304")
     if model.kind != "caloman" or model.config.voxel_noise != "poisson-gamma":
         raise SystemExit("this attack needs a CaloMan run with the poisson-gamma voxel noise")
     threshold, groups = binning.readout_threshold, column_groups(binning)

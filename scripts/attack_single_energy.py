@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,16 +66,22 @@ def feature_groups(energy: float, showers: np.ndarray, binning) -> dict[str, np.
     return groups
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def attack_setup(description: str, default_energies: str) -> tuple[argparse.Namespace, Any, Any]:
+    """The attack scripts' command line (RUN, --energies, --showers, --seed), one torch
+    thread, and the run's model (in eval mode) and binning."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("run")
-    parser.add_argument("--energies", default="256,1024,4194304", help="MeV, comma-separated")
+    parser.add_argument("--energies", default=default_energies, help="MeV, comma-separated")
     parser.add_argument("--showers", type=int, default=6000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
     loaded = load_run(args.run)
-    model, binning = loaded.model.eval(), loaded.binning
+    return args, loaded.model.eval(), loaded.binning
+
+
+def main() -> None:
+    args, model, binning = attack_setup(__doc__.splitlines()[0], "256,1024,4194304")
     threshold = binning.readout_threshold
     for energy in (float(e) for e in args.energies.split(",")):
         n = args.showers
