@@ -80,3 +80,17 @@ def test_traceable_and_dtype_preserving():
     torch.testing.assert_close(traced(other.float(), other_energies.float()), fn(other.float(), other_energies.float()))
     assert fn(showers.float(), energies.float()).dtype == torch.float32
 
+
+
+def test_layer_sums_agree_across_the_small_and_large_batch_paths():
+    """Below SLICE_SUMS_FROM showers the sums are one matrix product, from there slice sums."""
+    from caloman.models.readout import SLICE_SUMS_FROM
+
+    layout = LayerLayout(SIZES)
+    showers, _ = _random_case(6, n=2 * SLICE_SUMS_FROM)
+    want = torch.stack([part.sum(1) for part in showers.split(SIZES, dim=1)], dim=1)
+    torch.testing.assert_close(layout.sums(showers), want)  # slices
+    torch.testing.assert_close(layout.sums(showers[:3]), want[:3])  # one-hot product
+    spread = layout.spread(want)
+    assert spread.shape == showers.shape
+    torch.testing.assert_close(spread[:, :SIZES[0]], want[:, :1].expand(-1, SIZES[0]))

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from caloman import __version__
+from caloman.allocator import allocator_setting
 from caloman.errors import ConfigError
 from caloman.geometry import Binning, load_binning
 from caloman.io import atomic_path, load_showers
@@ -440,7 +441,8 @@ def machine_info() -> dict[str, Any]:
     except OSError:
         pass
     info = {"cpu": cpu, "torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
-            "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
+            "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
+            "allocator": allocator_setting()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -522,7 +524,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = [title, "",
              f"{report['date']}, caloman {report['caloman_version']}, torch {machine['torch']}, "
              f"{machine['cpu']}, {cfg['threads']} CPU threads"
-             + (f", GPU {machine['gpu']}" if machine.get("gpu") else ", no GPU") + ".", "",
+             + (f", GPU {machine['gpu']}" if machine.get("gpu") else ", no GPU")
+             + (f"; allocator: {machine['allocator']}" if machine.get("allocator") else "") + ".", "",
              f"Command: `{report['command']}`", ""]
     ref = _timing_lookup(report["reference_sampler"])
     devices = sorted({t["device"] for m in report["models"] for t in (*m["timings"], *m.get("onnx_timings", []))})

@@ -230,18 +230,17 @@ class LayerNormalisation:
         return self
 
     def layer_energies(self, showers: Array) -> Array:
-        """Voxels (n, V) -> layer energies (n, n_layers), in one segment sum."""
-        if isinstance(showers, torch.Tensor) and torch.jit.is_tracing():
-            # A traced graph (ONNX) sums slices: torch's exporter mistranslates index_add.
-            return torch.stack([showers[:, s].sum(-1) for s in self.slices], dim=-1)
+        """Voxels (n, V) -> layer energies (n, n_layers): one sum per layer's slice (a tensor;
+        11 times faster than one ``index_add`` at 10,000 showers, and what ONNX can express)
+        or one segment sum (numpy)."""
         if isinstance(showers, torch.Tensor):
-            return showers.new_zeros(showers.shape[0], self.n_layers).index_add(1, self._index(showers), showers)
+            return torch.stack([showers[:, s].sum(-1) for s in self.slices], dim=-1)
         return np.add.reduceat(showers, self.starts, axis=-1)
 
     def to_voxels(self, per_layer: Array) -> Array:
         """Per-layer values (n, n_layers) -> the value of each voxel's layer (n, V)."""
         if isinstance(per_layer, torch.Tensor):
-            return per_layer[:, self._index(per_layer)]
+            return per_layer.index_select(-1, self._index(per_layer))
         return per_layer[:, self.voxel_layer]
 
     def _index(self, like: torch.Tensor) -> torch.Tensor:

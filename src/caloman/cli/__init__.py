@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from caloman import __version__, progress
+from caloman.allocator import keep_freed_memory
 from caloman.errors import CalomanError, VoxelCountError
 
 #: command name -> module (under caloman.cli) implementing it
@@ -32,6 +33,8 @@ COMMANDS = {
     "ood": "ood",
     "components": "components",
 }
+#: commands that generate many showers: they keep freed memory for reuse (caloman.allocator)
+GENERATING_COMMANDS = frozenset({"generate", "benchmark", "demo", "refine"})
 
 
 def add_binning_argument(parser: argparse.ArgumentParser, source: str, note: str = "") -> None:
@@ -117,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     progress.enable(not args.quiet and sys.stderr.isatty())
+    if args.command in GENERATING_COMMANDS:
+        keep_freed_memory()
     try:
         return int(args.func(args) or 0)
     except CalomanError as exc:

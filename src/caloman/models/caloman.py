@@ -43,7 +43,7 @@ from caloman.models.latent_ebim import LatentEBIM, LatentEBIMSettings
 from caloman.models.layer_energy import LOGIT_BOUND, LayerEnergyModel
 from caloman.models.mflow import MFLOW_KINDS, SCHEDULES, MFlowAutoencoder, gram_log_det
 from caloman.models.readout import LayerLayout, threshold_keeping_layer_energies
-from caloman.models.voxel_noise import QUANTA_BIN_EDGES, poisson_fluctuations, quanta_bins
+from caloman.models.voxel_noise import QUANTA_BIN_EDGES, poisson_fluctuations, quanta_bins, take
 from caloman.preprocessing import (
     PREPROCESSINGS,
     PaperPreprocessing,
@@ -909,7 +909,7 @@ class CaloManModel(ShowerModel):
         voxel's energy in showers (n, V) MeV: one flat gather (ONNX-friendly) instead of
         indexing with two index tensors."""
         cells = self.voxel_group_index * table.shape[1] + quanta_bins(showers)
-        return table.to(showers.dtype).flatten()[cells]
+        return take(table.to(showers.dtype).flatten(), cells)
 
     def _poisson(self, showers: Tensor, normal: Tensor, uniform: Tensor) -> Tensor:
         """Each voxel x of showers (n, V) drawn as q Poisson(x / q) from the noise (n, V) each

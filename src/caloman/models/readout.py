@@ -33,10 +33,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["BISECTION_STEPS", "LayerLayout", "threshold_keeping_layer_energies"]
+__all__ = ["BISECTION_STEPS", "SLICE_SUMS_FROM", "LayerLayout", "threshold_keeping_layer_energies"]
 
 #: Bisection steps after the secant step (see the module docstring).
 BISECTION_STEPS = 4
+
+
+#: From this many showers on, per-layer sums add slices (n, V) rather than multiplying by the
+#: (V, L) one-hot matrix: 5 times faster at 10,000 dataset-1 showers, slower below 64 (one
+#: operation against one per layer); a traced graph keeps the single matrix product.
+SLICE_SUMS_FROM = 64
 
 
 class LayerLayout:
@@ -51,9 +57,19 @@ class LayerLayout:
         starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
         self.slices = [slice(int(a), int(a + n)) for a, n in zip(starts, sizes)]
         self.layer_index = torch.as_tensor(np.repeat(np.arange(len(sizes)), sizes))
-        #: (V, L) one-hot: showers @ one_hot sums each layer, per_layer @ one_hot.T spreads it to voxels
+        #: (V, L) one-hot: showers @ one_hot sums each layer
         self.one_hot = torch.nn.functional.one_hot(self.layer_index, len(sizes)).to(torch.float32)
         self.n_layers = len(sizes)
+
+    def sums(self, voxels: Tensor) -> Tensor:
+        """Each layer's sum (n, L) of voxels (n, V)."""
+        if torch.jit.is_tracing() or voxels.shape[0] < SLICE_SUMS_FROM:
+            return voxels @ self.one_hot.to(device=voxels.device, dtype=voxels.dtype)
+        return torch.stack([voxels[:, part].sum(-1) for part in self.slices], dim=-1)
+
+    def spread(self, per_layer: Tensor) -> Tensor:
+        """Each voxel's value (n, V) of its layer's entry in ``per_layer`` (n, L)."""
+        return per_layer.index_select(-1, self.layer_index.to(per_layer.device))
 
 
 def threshold_keeping_layer_energies(showers: Tensor, layer_energies: Tensor, layout: LayerLayout,
@@ -65,18 +81,20 @@ def threshold_keeping_layer_energies(showers: Tensor, layer_energies: Tensor, la
     threshold or has no positive voxel (then it is empty)."""
     dtype = showers.dtype
     voxels = showers.clamp_min(0)
-    one_hot = layout.one_hot.to(device=showers.device, dtype=dtype)
-    spread = one_hot.t().contiguous()
     energies = layer_energies.to(dtype)
     tiny = torch.finfo(dtype).tiny
 
+    def carried(cut: Tensor) -> Tensor:
+        """(n, L) each layer's sum of the voxels at or above its cut (n, L)."""
+        return layout.sums(above(cut))
+
     def above(cut: Tensor) -> Tensor:
         """(n, V) voxels at or above their layer's cut (n, L), the others zero."""
-        return voxels * (voxels >= cut @ spread)
+        return voxels * (voxels >= layout.spread(cut))
 
     largest = torch.stack([voxels[:, part].amax(dim=1) for part in layout.slices], dim=1)
-    total = voxels @ one_hot
-    kept = above(torch.full_like(energies, threshold)) @ one_hot
+    total = layout.sums(voxels)
+    kept = carried(torch.full_like(energies, threshold))
     safe = energies.clamp_min(tiny)
     # E c - T C(c) < 0 below `low` and >= 0 at `high` (module docstring); both in (0, largest].
     low = torch.maximum(threshold * largest / safe, torch.minimum(threshold * kept / safe,
@@ -84,14 +102,14 @@ def threshold_keeping_layer_energies(showers: Tensor, layer_energies: Tensor, la
     high = torch.minimum(torch.minimum(largest, threshold * total / safe),
                          torch.maximum(threshold * kept / safe, torch.full_like(kept, threshold)))
     low = torch.minimum(low, high)
-    high, low = (torch.minimum(high, threshold * (above(low) @ one_hot) / safe),
-                 torch.maximum(low, threshold * (above(high) @ one_hot) / safe))
+    high, low = (torch.minimum(high, threshold * carried(low) / safe),
+                 torch.maximum(low, threshold * carried(high) / safe))
     for _ in range(steps):
         middle = (low * high).clamp_min(tiny).sqrt()
-        holds = energies * middle >= threshold * (above(middle) @ one_hot)
+        holds = energies * middle >= threshold * carried(middle)
         high, low = torch.where(holds, middle, high), torch.where(holds, low, middle)
     lit = above(high)
-    carried = lit @ one_hot
-    usable = (energies >= threshold) & (carried > 0)
-    scale = torch.where(usable, energies / carried.clamp_min(tiny), torch.zeros_like(carried))
-    return lit * (scale @ spread)
+    lit_sums = layout.sums(lit)
+    usable = (energies >= threshold) & (lit_sums > 0)
+    scale = torch.where(usable, energies / lit_sums.clamp_min(tiny), torch.zeros_like(lit_sums))
+    return lit * layout.spread(scale)

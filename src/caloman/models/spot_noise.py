@@ -34,7 +34,7 @@ import torch
 from scipy import special, stats
 from torch import Tensor
 
-from caloman.models.voxel_noise import poisson_counts
+from caloman.models.voxel_noise import poisson_counts, take
 
 #: Counts of spots whose Gamma(n k) quantiles are tabulated (larger counts use Wilson-Hilferty).
 TABLE_COUNTS = 64
@@ -76,7 +76,7 @@ def gamma_of_counts(counts: Tensor, shapes: Tensor, table_rows: Tensor, table: T
     row = table_rows + counts.clamp(1, TABLE_COUNTS) - 1
     cell = (row * TABLE_POINTS + lower).long()
     flat = table.to(g.dtype).flatten()
-    low, high = flat[cell], flat[cell + 1]
+    low, high = take(flat, cell), take(flat, cell + 1)
     tabulated = low + fraction * (high - low)
     shape = (counts * shapes).clamp_min(1.0)  # only used above TABLE_COUNTS, where it is > 64 k
     d = shape - 1.0 / 3.0

@@ -52,6 +52,15 @@ def log10_bins(log_energies: Tensor) -> Tensor:
     return ((log_energies / step).ceil() - first / step).clamp(0, QUANTA_BIN_EDGES.shape[0]).long()
 
 
+def take(values: Tensor, index: Tensor) -> Tensor:
+    """``values[index]`` for a 1-D ``values`` and an index of any shape. Eagerly one
+    ``index_select`` on the flattened index, 3 to 4 times faster than advanced indexing on
+    millions of entries; a traced graph gets the plain indexing (one ONNX Gather)."""
+    if torch.jit.is_tracing():
+        return values[index]
+    return values.index_select(0, index.flatten()).view(index.shape)
+
+
 def poisson_quantile(rate: Tensor, uniform: Tensor) -> Tensor:
     """The Poisson(rate) quantile of ``uniform``, #{k : P(K <= k) < u} (at most
     ``POISSON_MAX_COUNT``), for rates below ``EXACT_POISSON_BELOW`` and uniforms on [0, 1)
@@ -70,7 +79,7 @@ def poisson_quantile(rate: Tensor, uniform: Tensor) -> Tensor:
     more = cdf < u
     counts = (zero < u).to(lam.dtype) + more.to(lam.dtype)
     active = more.nonzero().squeeze(-1)  # counts of 2 and more
-    rest = (lam[active], u[active], pmf[active], cdf[active])
+    rest = tuple(take(values, active) for values in (lam, u, pmf, cdf))
     # Few entries: per-operation overhead decides, and the stages take fewest operations.
     staged = torch.jit.is_tracing() or active.shape[0] <= SEARCH_ABOVE
     found = _counts_in_stages(*rest) if staged else _counts_by_search(*rest)
@@ -79,18 +88,37 @@ def poisson_quantile(rate: Tensor, uniform: Tensor) -> Tensor:
 
 def _counts_by_search(lam: Tensor, u: Tensor, pmf: Tensor, cdf: Tensor) -> Tensor:
     """Counts (m,) >= 2 for rates and uniforms (m,) given P(K = 1) and P(K <= 1) (m,): a
-    search up k, P(K = k) = P(K = k - 1) rate / k, over the entries still below u."""
+    search up k, P(K = k) = P(K = k - 1) rate / k, counting the k whose CDF is still below u.
+
+    Every entry takes the same steps whether or not it is settled (the CDF only grows, so a
+    settled entry adds nothing), and the entries still unsettled are gathered into smaller
+    arrays only once they are fewer than half: a gather per step cost more than the steps."""
     counts = torch.full_like(lam, 2.0)
-    active = torch.arange(lam.shape[0], device=lam.device)
+    position = None  # where the entries of the current arrays sit in ``counts`` (None: all, in order)
+    pmf, cdf, found = pmf.clone(), cdf.clone(), torch.zeros_like(lam)
     for k in range(2, POISSON_MAX_COUNT):
-        pmf = pmf * lam / k
-        cdf = cdf + pmf
-        keep = (cdf < u).nonzero().squeeze(-1)
-        if keep.shape[0] == 0:
+        pmf = pmf.mul_(lam).div_(k)
+        below = cdf.add_(pmf) < u
+        found.add_(below)
+        unsettled = int(below.sum())
+        if unsettled == 0:
             break
-        active, lam, u, pmf, cdf = active[keep], lam[keep], u[keep], pmf[keep], cdf[keep]
-        counts[active] = k + 1
+        if 2 * unsettled < below.shape[0]:
+            _add_at(counts, position, found)
+            keep = below.nonzero().squeeze(-1)
+            position = keep if position is None else position.index_select(0, keep)
+            lam, u, pmf, cdf = (values.index_select(0, keep) for values in (lam, u, pmf, cdf))
+            found = torch.zeros_like(lam)
+    _add_at(counts, position, found)
     return counts
+
+
+def _add_at(counts: Tensor, position: Tensor | None, values: Tensor) -> None:
+    """counts[position] += values in place (position None: everywhere)."""
+    if position is None:
+        counts.add_(values)
+    else:
+        counts.index_add_(0, position, values)
 
 
 def _counts_in_stages(lam: Tensor, u: Tensor, pmf: Tensor, cdf: Tensor) -> Tensor:
@@ -125,7 +153,7 @@ def poisson_counts(rate: Tensor, normal: Tensor, uniform: Tensor) -> Tensor:
         exact = poisson_quantile(torch.where(small, rate, torch.zeros_like(rate)), uniform)
         return torch.where(small, exact.to(counts.dtype), counts)
     index = small.flatten().nonzero().squeeze(-1)  # one search for the small rates, not three
-    exact = poisson_quantile(rate.flatten()[index], uniform.flatten()[index])
+    exact = poisson_quantile(take(rate.flatten(), index), take(uniform.flatten(), index))
     counts.view(-1).index_copy_(0, index, exact.to(counts.dtype))
     return counts
 
@@ -139,4 +167,4 @@ def poisson_fluctuations(showers: Tensor, quanta: Tensor, normal: Tensor, unifor
 
 
 __all__ = ["EXACT_POISSON_BELOW", "QUANTA_BIN_EDGES", "POISSON_MAX_COUNT", "POISSON_STAGES", "quanta_bins",
-           "log10_bins", "poisson_quantile", "poisson_counts", "poisson_fluctuations"]
+           "log10_bins", "take", "poisson_quantile", "poisson_counts", "poisson_fluctuations"]
