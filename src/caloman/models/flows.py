@@ -163,6 +163,19 @@ class ConditionalFlow(nn.Module):
         stage here); autoregressive ones go through zuko."""
         if not self.coupling:
             return self.flow(context).log_prob(x)
+        z, ladj = self._forward(x, context)
+        return ladj - 0.5 * (z * z).sum(-1) - 0.5 * self.features * math.log(2 * math.pi)
+
+    def transform(self, x: Tensor, context: Tensor) -> Tensor:
+        """Map data points x (n, features) to the base space given context (n, context):
+        zuko's ``flow(context).transform(x)``, for coupling flows by the fused loop of
+        :meth:`log_prob` (differentiable; an M-flow's encoder)."""
+        if not self.coupling:
+            return self.flow.transform(context)(x)
+        return self._forward(x, context)[0]
+
+    def _forward(self, x: Tensor, context: Tensor) -> tuple[Tensor, Tensor]:
+        """Coupling flows: base-space points z (n, features) and log|det dz/dx| (n,)."""
         z, ladj = x, x.new_zeros(x.shape[0])
         context = context.to(x.dtype)
         for step in self._plan().steps:  # the index tensors the sampler uses, built once
@@ -172,7 +185,7 @@ class ConditionalFlow(nn.Module):
             z_b, step_ladj = rqs_forward(params, z.index_select(-1, idx_b), self.bound)
             z = torch.cat((z_a, z_b), dim=-1).index_select(-1, undo)
             ladj = ladj + step_ladj
-        return ladj - 0.5 * (z * z).sum(-1) - 0.5 * self.features * math.log(2 * math.pi)
+        return z, ladj
 
     def sample(self, context: Tensor) -> Tensor:
         """One sample x ~ p(x | c) per row of context (n, context); shape (n, features).
@@ -294,34 +307,43 @@ def _coupling_indices(mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return idx_a, idx_b, torch.cat((idx_a, idx_b)).argsort()
 
 
-def _rqs_knots(params: Tensor, bound: float, slope: float) -> tuple[Tensor, Tensor, int]:
-    """zuko's knots from unconstrained parameters (n, f, 3K - 1): x and y knots (n, f, 2, K + 1)
-    on [-bound, bound] and the knot slopes (n, f, K + 1) (1 at both ends); and K."""
+def _rqs_bin(params: Tensor, v: Tensor, row: int, bound: float, slope: float) -> tuple[Tensor, ...]:
+    """The bin of zuko's monotonic RQS with unconstrained parameters (n, f, 3K - 1) that holds
+    v (n, f) on the x knots (``row`` 0: the forward map) or the y knots (1: the inverse):
+    (x0, x1, y0, y1, d0, d1) (n, f) each and whether v lies inside [-bound, bound].
+
+    Only what the solve reads is formed: the widths' and heights' cumulative sums are compared
+    with v on the unnormalised scale (c_j < (v + B) / 2B * total), only the bin's two knots are
+    normalised, and only its two knot slopes are clipped and exponentiated (ends 1). Training
+    and large batches spend their flow time on element-wise passes over n x f x 3K values, so
+    fewer of them is what makes it fast (docs/caloman-model.md, Speed design)."""
     features, size = int(params.shape[1]), int(params.shape[2])
     bins = (size + 1) // 3
-    params = params / (1 + (params * params.new_tensor(_soft_clip_scale(bins, slope))).abs())
-    # Clipped parameters lie within +-3.5, so the softmax needs no max subtraction.
-    weights = params[..., :2 * bins].reshape(-1, features, 2, bins).exp()
-    cumulative = torch.nn.functional.pad(weights.cumsum(-1), (1, 0))
-    knots = cumulative / cumulative[..., -1:] * (2 * bound) - bound
-    slopes = torch.nn.functional.pad(params[..., 2 * bins:], (1, 1)).exp()
-    return knots, slopes, bins
+    scale = 2 / math.log(slope)  # zuko's soft clip p / (1 + |p t|) of widths and heights; t / 2 for slopes
+    sizes = params[..., :2 * bins]
+    weights = (sizes / (1 + (sizes * scale).abs())).exp().reshape(-1, features, 2, bins)  # clipped: |p| < 3.5
+    cumulative = weights.cumsum(-1)
+    total = cumulative[..., -1]  # (n, f, 2)
+    unit = (v + bound) * (0.5 / bound)  # v as a fraction of [-bound, bound]
+    k = (cumulative[:, :, row, :bins - 1] < (unit * total[..., row]).unsqueeze(-1)).sum(-1, keepdim=True)
+    edges = torch.cat((k - 1, k), dim=-1)  # the bin's lower and upper knot less one (knot 0 has sum 0)
+    picked = cumulative.gather(-1, edges.clamp_min(0).unsqueeze(-2).expand(-1, -1, 2, 2))  # (n, f, 2, 2)
+    picked = picked.masked_fill((edges < 0).unsqueeze(-2), 0.0)
+    knots = picked / total.unsqueeze(-1) * (2 * bound) - bound  # [[x0, x1], [y0, y1]]
+    x0, x1, y0, y1 = knots.reshape(-1, features, 4).unbind(-1)
+    inner = params[..., 2 * bins:].gather(-1, edges.clamp(0, bins - 2))  # slopes of knots k and k + 1
+    slopes = (inner / (1 + (inner * (scale / 2)).abs())).exp()
+    ends = torch.cat((k == 0, k == bins - 1), dim=-1)
+    d0, d1 = slopes.masked_fill(ends, 1.0).unbind(-1)
+    return x0, x1, y0, y1, d0, d1, (v > -bound) & (v < bound)
 
 
 def rqs_forward(params: Tensor, x: Tensor, bound: float, slope: float = SPLINE_SLOPE) -> tuple[Tensor, Tensor]:
     """zuko's monotonic RQS (``MonotonicRQSTransform.call_and_ladj``) with unconstrained
     parameters (n, f, 3K - 1) at x (n, f): y (n, f) and the log-determinant of the Jacobian
     summed over the features (n,). Identity (log-det 0) outside [-bound, bound]. The same
-    maths as zuko in fewer operations; agrees with it to float rounding (tested)."""
-    features = int(params.shape[1])
-    knots, slopes, bins = _rqs_knots(params, bound, slope)
-    table = torch.cat((knots, slopes.unsqueeze(-2)), dim=-2)  # (n, f, 3, K + 1)
-    column = x.unsqueeze(-1)
-    k = (knots[..., 0, :] < column).sum(-1, keepdim=True) - 1
-    inside = ((k >= 0) & (k < bins)).squeeze(-1)
-    k = k.clamp(0, bins - 1)
-    picked = table.gather(-1, torch.cat((k, k + 1), dim=-1).unsqueeze(-2).expand(-1, -1, 3, -1))
-    x0, x1, y0, y1, d0, d1 = picked.reshape(-1, features, 6).unbind(-1)
+    maths as zuko in fewer operations (:func:`_rqs_bin`); agrees with it to float rounding (tested)."""
+    x0, x1, y0, y1, d0, d1, inside = _rqs_bin(params, x, 0, bound, slope)
     width, height = x1 - x0, y1 - y0
     s = height / width
     t = ((x - x0) / width).where(inside, torch.zeros_like(x))
@@ -337,24 +359,8 @@ def rqs_inverse(params: Tensor, y: Tensor, bound: float, slope: float = SPLINE_S
     """Inverse of zuko's monotonic RQS with unconstrained parameters
     params (n, f, 3K - 1) = [widths K, heights K, derivatives K - 1] at y (n, f).
     Identity outside [-bound, bound]."""
-    # Sizes other than the batch as plain ints: a traced graph (ONNX) then reshapes by constants.
-    features, size = int(params.shape[1]), int(params.shape[2])
-    bins = (size + 1) // 3
-    params = params / (1 + (params * params.new_tensor(_soft_clip_scale(bins, slope))).abs())
-    # Clipped parameters lie within +-3.5, so the softmax needs no max subtraction.
-    weights = params[..., :2 * bins].reshape(-1, features, 2, bins).exp()
-    cumulative = torch.nn.functional.pad(weights.cumsum(-1), (1, 0))
-    knots = cumulative / cumulative[..., -1:] * (2 * bound) - bound  # (n, f, 2, K + 1): x and y knots
-    slopes = torch.nn.functional.pad(params[..., 2 * bins:], (1, 1)).exp()  # (n, f, K + 1)
-    table = torch.cat((knots, slopes.unsqueeze(-2)), dim=-2)  # (n, f, 3, K + 1)
-
-    y = y.unsqueeze(-1)  # (n, f, 1): the solve below runs on one column per feature
-    k = (knots[..., 1, :] < y).sum(-1, keepdim=True) - 1
-    inside = (k >= 0) & (k < bins)
-    k = k.clamp(0, bins - 1)
-    picked = table.gather(-1, torch.cat((k, k + 1), dim=-1).unsqueeze(-2).expand(-1, -1, 3, -1))
-    x0, x1, y0, y1, d0, d1 = picked.reshape(-1, features, 6).split(1, dim=-1)
-    return _rqs_solve(x0, x1, y0, y1, d0, d1, y, inside, torch.where).reshape(-1, features)
+    x0, x1, y0, y1, d0, d1, inside = _rqs_bin(params, y, 1, bound, slope)
+    return _rqs_solve(x0, x1, y0, y1, d0, d1, y, inside, torch.where)
 
 
 @cache

@@ -404,8 +404,7 @@ class MFlowAutoencoder(Autoencoder):
         c = self._flow_context(context, a)
         if self.encoder is not None:
             return self.encoder(torch.cat((a, c), dim=-1))
-        transform = self.outer.flow.transform(c if self.context else None)
-        return transform(a)[..., :self.latent_dim]
+        return self.outer.transform(a, c)[..., :self.latent_dim]
 
     def decode_logits(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         """Decoded log-shapes (n, D) of codes z (n, d): the encoder-input space, g(z) = f(z, 0; c)
