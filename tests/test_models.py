@@ -96,6 +96,7 @@ def test_fused_log_prob_and_its_gradients_are_zukos(hypernet, features):
     x[:20] *= 4  # some features outside [-bound, bound], where the splines are the identity
     fused, expected = flow.log_prob(x, c), flow(c).log_prob(x)
     assert torch.allclose(fused, expected, rtol=1e-9, atol=1e-9)
+    assert torch.allclose(flow.transform(x, c), flow(c).transform(x), rtol=1e-9, atol=1e-9)  # the M-flow encoder's map
     grads = [torch.autograd.grad(f().mean(), list(flow.parameters()))
              for f in (lambda: flow.log_prob(x, c), lambda: flow(c).log_prob(x))]
     for ours, zukos in zip(*grads):
