@@ -19,6 +19,7 @@ learning_rate = 1      # an integer is a fine number
 lr_schedule = "plateau"
 num_threads = 2
 stage_epochs = { latent_flow = 80, autoencoder = 3 }
+stage_patience = { autoencoder = 0 }
 
 [data]
 max_showers = 5000
@@ -40,6 +41,7 @@ def test_full_file_into_typed_objects(tmp_path):
     assert training.epochs == 7 and training.learning_rate == 1.0 and isinstance(training.learning_rate, float)
     assert training.lr_schedule == "plateau" and training.num_threads == 2 and training.max_showers == 5000
     assert training.epochs_for("latent_flow") == 80 and training.epochs_for("other") == 7
+    assert training.patience_for("autoencoder") == 0 and training.patience_for("other") == training.patience
     # untouched fields come from the profile; options override the file
     assert training.patience == TrainingConfig.quick().patience
     assert cfg.training_config("full").patience == TrainingConfig.full().patience
@@ -93,5 +95,12 @@ def test_table_shapes_and_syntax(tmp_path):
 def test_training_config_from_dict_round_trip():
     cfg = TrainingConfig.full(stage_epochs={"a": 3})
     assert training_config_from_dict(cfg.to_dict()) == cfg
+    # the per-stage early-stopping patience, as the per-stage epochs
+    longer = TrainingConfig.full(stage_epochs={"autoencoder": 160}, stage_patience={"autoencoder": 0})
+    assert (longer.epochs_for("autoencoder"), longer.patience_for("autoencoder")) == (160, 0)
+    assert (longer.epochs_for("latent_flow"), longer.patience_for("latent_flow")) == (80, 10)
+    assert training_config_from_dict(longer.to_dict()) == longer
+    with pytest.raises(ConfigError, match="stage_patience"):
+        TrainingConfig(stage_patience={"a": -1})
     with pytest.raises(ConfigError, match="unknown key"):
         training_config_from_dict({**cfg.to_dict(), "momentum": 0.9})

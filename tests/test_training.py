@@ -9,6 +9,7 @@ so resume must restore RNG states to reproduce an uninterrupted run exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -280,6 +281,13 @@ def test_early_stopping_restores_best_epoch_weights(tmp_path):
     assert walk.stopped_early and len(walk.epochs) == best.epoch + 2 < 30
     assert walk.best_epoch == best.epoch
     assert model.step.p.item() == seen[best.epoch]  # the best epoch's weights, not the last
+    assert abs(model.step.p.item() - 3.0) < 1.0
+    # early stopping off for this stage alone: all 30 epochs, the best epoch's weights still kept
+    model = Walker()
+    history = train_model(model, np.ones(10), np.ones((10, 1), np.float32),
+                          dataclasses.replace(cfg, stage_patience={"walk": 0}), tmp_path / "run-no-stop")
+    walk = history.stage("walk")
+    assert not walk.stopped_early and len(walk.epochs) == 30
     assert abs(model.step.p.item() - 3.0) < 1.0
 
 
