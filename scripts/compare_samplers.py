@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from caloman.allocator import keep_freed_memory
-from caloman.benchmark import ReferenceSampler, time_sampler
+from caloman.benchmark import ReferenceSampler, time_sampler, timed_sampler
 from caloman.runs import load_run
 
 
@@ -35,7 +35,7 @@ def main() -> None:
     keep_freed_memory()  # as the generating commands do (caloman.allocator)
     torch.set_num_threads(args.threads)
     models = [load_run(run).model.eval() for run in args.runs]
-    samplers = [model.sample for model in models] + [ReferenceSampler(models[0].binning).eval()]
+    samplers = [timed_sampler(model) for model in models] + [ReferenceSampler(models[0].binning).eval()]
     names = [*args.runs, "reference sampler"]
     energies = np.exp(np.random.default_rng(0).uniform(np.log(256.0), np.log(4.2e6), 20_000)).astype(np.float32)
     torch.manual_seed(0)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from attack_autoencoder import reconstructed
 
-from caloman.features import compute_features
+from caloman.features import apply_threshold, compute_features
 from caloman.runs import load_run
 from caloman.simulation.simulator import simulate_showers
 
@@ -49,8 +49,8 @@ def main() -> None:
                 "recon": reconstructed(model, incident, to_encode, 0, noisy=True),
                 "mean": reconstructed(model, incident, to_encode, 0, noisy=False)}
         for name, showers in sets.items():
-            features = compute_features(np.full(n, energy), np.where(showers >= binning.readout_threshold,
-                                                                     showers, 0.0), binning)
+            features = compute_features(np.full(n, energy), apply_threshold(showers, binning.readout_threshold),
+                                        binning)
             (w1, c1), (w2, c2) = ((features.width_r[layer], features.ec_r[layer]) for layer in (1, 2))
             print(f"{energy:.0f} {name:6s} width corr L1-L2 {np.corrcoef(w1, w2)[0, 1]:.3f} "
                   f"centroid corr L1-L2 {np.corrcoef(c1, c2)[0, 1]:.3f} width sd L1 {w1.std():.3f} "
