@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from caloman.errors import ConfigError
-from caloman.models.mflow import MFlow, MFlowConfig, MFlowSchedule, gram_log_det, train_mflow
+from caloman.models.mflow import MFlow, MFlowConfig, MFlowSchedule, gram_log_det, phase_learning_rates, train_mflow
 from caloman.toy import DATASETS, quick_settings, run_toy
 
 torch.set_num_threads(1)
@@ -80,11 +80,27 @@ def test_both_schedules_reduce_both_losses(kind, schedule):
     assert phases[:2] == (["manifold", "manifold"] if schedule == "sequential" else ["manifold", "density"])
 
 
+def test_cosine_rates_fall_within_each_phase_of_the_alternating_schedule():
+    x = torch.as_tensor(DATASETS["circle"].sample(128, np.random.default_rng(2)), dtype=torch.float32)
+    schedule = MFlowSchedule(schedule="alternating", manifold_epochs=4, density_epochs=2, batch_size=64, lr=2e-3,
+                             lr_schedule="cosine")
+    history = train_mflow(_model("mflow", features=2, latent_dim=1), x, schedule,
+                          generator=torch.Generator().manual_seed(0))
+    manifold = [h["lr"] for h in history if h["phase"] == "manifold"]
+    density = [h["lr"] for h in history if h["phase"] == "density"]
+    assert manifold == pytest.approx([2e-3, 2e-3 * (0.5 + 0.5 * np.cos(np.pi / 4)), 1e-3,
+                                      2e-3 * (0.5 - 0.5 * np.cos(np.pi / 4))])
+    assert density == pytest.approx([2e-3, 1e-3])
+    assert phase_learning_rates(MFlowSchedule(lr=1e-3), 3) == [1e-3] * 3  # "constant", the default
+
+
 def test_bad_configurations_raise_typed_errors():
     with pytest.raises(ConfigError):
         MFlowConfig(kind="flow")
     with pytest.raises(ConfigError):
         MFlowSchedule(schedule="random")
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        MFlowSchedule(lr_schedule="step")
     with pytest.raises(ConfigError):
         MFlow(2, 2)
 

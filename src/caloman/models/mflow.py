@@ -25,6 +25,7 @@ columns for D rows, cheap for a low-dimensional manifold.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ from caloman.models.flows import ConditionalFlow
 MFLOW_KINDS = ("mflow", "mflow-e")
 #: Training schedules of :func:`train_mflow`.
 SCHEDULES = ("sequential", "alternating")
+#: Learning-rate schedules of :class:`MFlowSchedule` (per phase).
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,8 @@ class MFlowSchedule:
         phase (the reference implementation's 1000 for its ``sequential`` algorithm).
     manifold_likelihood_weight: weight of the inner likelihood added to the manifold phase
         (0: pure reconstruction, as the paper's M phase).
+    lr_schedule: ``"constant"`` (``lr`` throughout) or ``"cosine"`` (each phase's rate falls
+        from ``lr`` to 0 over that phase's epochs, as CaloMan's stages do).
     """
 
     schedule: Literal["sequential", "alternating"] = "sequential"
@@ -97,10 +102,13 @@ class MFlowSchedule:
     reconstruction_weight: float = 1000.0
     manifold_likelihood_weight: float = 0.0
     clip_norm: float = 5.0
+    lr_schedule: Literal["constant", "cosine"] = "constant"
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"M-flow schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"M-flow lr_schedule {self.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
         if self.manifold_epochs < 0 or self.density_epochs < 0 or self.batch_size < 1:
             raise ConfigError("M-flow schedule: epochs must be >= 0 and batch_size >= 1")
         if not (self.reconstruction_weight > 0 and self.manifold_likelihood_weight >= 0):
@@ -234,23 +242,37 @@ def train_mflow(model: MFlow, x: Tensor, schedule: MFlowSchedule, context: Tenso
     """Train ``model`` on points x (n, D) (context (n, c) or None) with the schedule's phases.
 
     Returns the history: one entry per epoch with its ``phase`` (``"manifold"`` or
-    ``"density"``), ``epoch`` and mean ``loss``. Raises TrainingDivergedError on a
+    ``"density"``), ``epoch``, mean ``loss`` and learning rate ``lr``. Raises TrainingDivergedError on a
     non-finite loss.
     """
     manifold_opt = torch.optim.Adam(model.manifold_parameters(), lr=schedule.lr, weight_decay=schedule.weight_decay)
     density_opt = torch.optim.Adam(model.inner.parameters(), lr=schedule.lr, weight_decay=schedule.weight_decay)
     phases = _phase_order(schedule)
+    rates = {"manifold": phase_learning_rates(schedule, schedule.manifold_epochs),
+             "density": phase_learning_rates(schedule, schedule.density_epochs)}
+    done = {"manifold": 0, "density": 0}
     history = []
     for epoch, phase in enumerate(phases, start=1):
+        optimiser, rate = (manifold_opt if phase == "manifold" else density_opt), rates[phase][done[phase]]
+        for group in optimiser.param_groups:
+            group["lr"] = rate
+        done[phase] += 1
         if phase == "manifold":
             loss = _epoch(x, context, schedule, generator, manifold_opt, model.manifold_parameters(),
                           lambda xb, cb: model.manifold_loss(xb, cb, schedule))
         else:
             loss = _epoch(x, context, schedule, generator, density_opt, list(model.inner.parameters()),
                           model.density_loss)
-        history.append({"epoch": epoch, "phase": phase, "loss": loss})
+        history.append({"epoch": epoch, "phase": phase, "loss": loss, "lr": rate})
     model.eval()
     return history
+
+
+def phase_learning_rates(schedule: MFlowSchedule, epochs: int) -> list[float]:
+    """The learning rate of each of a phase's ``epochs`` epochs."""
+    if schedule.lr_schedule == "constant":
+        return [schedule.lr] * epochs
+    return [0.5 * schedule.lr * (1.0 + math.cos(math.pi * i / epochs)) for i in range(epochs)]
 
 
 def _phase_order(schedule: MFlowSchedule) -> list[str]:

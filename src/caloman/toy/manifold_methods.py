@@ -21,7 +21,7 @@ import torch
 import zuko
 
 from caloman.models.autoencoders import build_autoencoder
-from caloman.models.mflow import MFlow, MFlowConfig, gram_log_det, train_mflow
+from caloman.models.mflow import MFlow, MFlowConfig, gram_log_det, phase_learning_rates, train_mflow
 from caloman.toy.methods import MethodOutput, ToySettings, register_method
 
 
@@ -69,11 +69,14 @@ def mflow_e_method(train: np.ndarray, settings: ToySettings, g: torch.Generator)
 
 def _fit(parameters, loss_fn, x: torch.Tensor, epochs: int, settings: ToySettings, g: torch.Generator
          ) -> list[float]:
-    """Adam on shuffled batches of x (n, D) for ``epochs``; mean loss per epoch."""
+    """Adam on shuffled batches of x (n, D) for ``epochs`` at the M-flow schedule's learning rates
+    (the same rate schedule as the M-flow's phases); mean loss per epoch."""
     cfg = settings.manifold.schedule
     optimiser = torch.optim.Adam(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
     history = []
-    for _ in range(epochs):
+    for rate in phase_learning_rates(cfg, epochs):
+        for group in optimiser.param_groups:
+            group["lr"] = rate
         order, total, batches = torch.randperm(len(x), generator=g), 0.0, 0
         for i in range(0, len(x), cfg.batch_size):
             loss = loss_fn(x[order[i:i + cfg.batch_size]])
