@@ -2,7 +2,8 @@
 
 Simulates dataset-3 showers with the built-in simulator (`caloman simulate --binning ds3`),
 then trains CaloMan streamed on the N showers of each ``--sizes`` entry (`caloman train
---stream-chunk-showers C --max-showers N`, quick profile, one epoch per stage, one thread)
+--stream-chunk-showers C --max-showers N`, ``--profile`` quick (default) or full, which sets
+the networks' sizes, one epoch per stage, one thread)
 in a child process, and records its peak resident memory (``os.wait4``'s ``ru_maxrss``, the
 whole process: model, optimizer, chunks, calibration) and wall time. Prints one JSON line
 per size. Peak memory that does not grow from the smaller size to the larger one is the
@@ -90,6 +91,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=None,
                         help="train on this dataset-3 file instead of simulating one (steps run as separate jobs)")
     parser.add_argument("--chunk", type=int, default=1024, help="--stream-chunk-showers")
+    parser.add_argument("--profile", choices=["quick", "full"], default="quick",
+                        help="the training profile, which sets the network sizes (one epoch per stage either way)")
     parser.add_argument("--workdir", type=Path, default=None, help="work folder (default: a new /tmp/stream-bench-*)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     args = parser.parse_args()
@@ -103,10 +106,10 @@ def main() -> None:
         for size in args.sizes:
             run = work / f"run-{size}"
             seconds, rss = run_measured(caloman("-q", "train", str(data), "--binning", "ds3", "--out", str(run),
-                                                "--profile", "quick", "--max-showers", str(size), "--config",
+                                                "--profile", args.profile, "--max-showers", str(size), "--config",
                                                 str(config)))
             history = json.loads((run / "history.json").read_text())
-            print(json.dumps({"step": "train", "showers": size, "n_train": history["n_train"],
+            print(json.dumps({"step": "train", "profile": args.profile, "showers": size, "n_train": history["n_train"],
                               "chunk": args.chunk, "seconds": round(seconds, 1), "peak_rss_mib": round(rss),
                               "stages": {s["name"]: round(s["seconds"], 1) for s in history["stages"]}}), flush=True)
             shutil.rmtree(run)
