@@ -90,7 +90,7 @@ class MFlowSchedule:
     manifold_likelihood_weight: weight of the inner likelihood added to the manifold phase
         (0: pure reconstruction, as the paper's M phase).
     lr_schedule: ``"constant"`` (``lr`` throughout) or ``"cosine"`` (each phase's rate falls
-        from ``lr`` to 0 over that phase's epochs, as CaloMan's stages do).
+        from ``lr`` towards 0 along a half cosine over that phase's epochs, as CaloMan's stages do).
     """
 
     schedule: Literal["sequential", "alternating"] = "sequential"
