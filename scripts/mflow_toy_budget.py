@@ -4,7 +4,7 @@ Runs :func:`caloman.toy.run_toy` for one manifold toy (``circle`` or ``sphere-ga
 one of its methods (``mflow``, ``mflow-e``, ``ambient-flow``, ``two-step-vae``) with
 ``--epochs`` epochs per phase (the M-flow's manifold and density phases, the two-step VAE's
 autoencoder and latent flow; the ambient flow gets their sum) and the learning-rate
-schedule ``--lr-schedule`` (``constant``, as ``caloman toy``, or ``cosine`` per phase), on one
+schedule ``--lr-schedule`` (``cosine`` per phase, the default here, or ``constant``, as ``caloman toy``), on one
 thread. Prints one JSON line with the metrics and the wall time; the table is in
 docs/mflows.md ("A longer budget").
 
