@@ -62,6 +62,27 @@ def reconstructed(model, incident: torch.Tensor, showers: np.ndarray, seed: int,
                                  voxel_noise=noise).numpy()
 
 
+#: Short names of :func:`comparison_sets`' sets, as ``lateral_ties.py`` and ``layer_shares.py`` print them.
+SHORT_NAMES = {"reference": "ref", "other": "other", "generated": "gen", "reconstructed": "recon",
+               "decoded_mean": "mean"}
+
+
+def comparison_sets(model, binning, energy: float, n: int, seed: int) -> dict[str, np.ndarray]:
+    """n showers (n, V) MeV at one incident energy in five sets: simulated (``reference``), a
+    second simulated set (``other``, the floor), the run's samples (``generated``) and a third
+    simulated set through encoder and decoder with the run's voxel noise (``reconstructed``) and
+    without (``decoded_mean``). Simulation seeds seed * 1000 + 11, 12, 13; sampling seed ``seed``."""
+    reference, other, to_encode = (np.asarray(simulate_showers(binning, np.full(n, energy),
+                                                               seed=seed * 1000 + 11 + k)) for k in range(3))
+    incident = torch.full((n,), energy)
+    torch.manual_seed(seed)
+    with torch.inference_mode():
+        generated = model.sample(incident).numpy()
+    return {"reference": reference, "other": other, "generated": generated,
+            "reconstructed": reconstructed(model, incident, to_encode, seed, noisy=True),
+            "decoded_mean": reconstructed(model, incident, to_encode, seed, noisy=False)}
+
+
 def main() -> None:
     args, model, binning = attack_setup(__doc__.splitlines()[0], "512,65536,4194304")
     if model.kind != "caloman" or model.config.voxel_noise != "poisson-gamma":
@@ -69,15 +90,7 @@ def main() -> None:
     threshold, groups = binning.readout_threshold, column_groups(binning)
     for energy in (float(e) for e in args.energies.split(",")):
         n = args.showers
-        reference, other, to_encode = (np.asarray(simulate_showers(binning, np.full(n, energy),
-                                                                   seed=args.seed * 1000 + 11 + k)) for k in range(3))
-        incident = torch.full((n,), energy)
-        torch.manual_seed(args.seed)
-        with torch.inference_mode():
-            generated = model.sample(incident).numpy()
-        sets = {"reference": reference, "other": other, "generated": generated,
-                "reconstructed": reconstructed(model, incident, to_encode, args.seed, noisy=True),
-                "decoded_mean": reconstructed(model, incident, to_encode, args.seed, noisy=False)}
+        sets = comparison_sets(model, binning, energy, n, args.seed)
         inputs = {name: strong_inputs("high", np.full(n, energy), np.where(s >= threshold, s, 0.0), binning)
                   for name, s in sets.items()}
         ref = inputs["reference"]

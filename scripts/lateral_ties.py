@@ -21,11 +21,10 @@ import argparse
 
 import numpy as np
 import torch
-from attack_autoencoder import reconstructed
+from attack_autoencoder import SHORT_NAMES, comparison_sets
 
 from caloman.features import apply_threshold, compute_features
 from caloman.runs import load_run
-from caloman.simulation.simulator import simulate_showers
 
 
 def main() -> None:
@@ -39,16 +38,8 @@ def main() -> None:
     binning = model.binning
     for energy in (float(e) for e in args.energies.split(",")):
         n = args.showers
-        reference, other, to_encode = (np.asarray(simulate_showers(binning, np.full(n, energy), seed=11 + k))
-                                       for k in range(3))
-        incident = torch.full((n,), energy)
-        torch.manual_seed(0)
-        with torch.inference_mode():
-            generated = model.sample(incident).numpy()
-        sets = {"ref": reference, "other": other, "gen": generated,
-                "recon": reconstructed(model, incident, to_encode, 0, noisy=True),
-                "mean": reconstructed(model, incident, to_encode, 0, noisy=False)}
-        for name, showers in sets.items():
+        for long_name, showers in comparison_sets(model, binning, energy, n, seed=0).items():
+            name = SHORT_NAMES[long_name]
             features = compute_features(np.full(n, energy), apply_threshold(showers, binning.readout_threshold),
                                         binning)
             (w1, c1), (w2, c2) = ((features.width_r[layer], features.ec_r[layer]) for layer in (1, 2))

@@ -3,10 +3,10 @@
 For one layer and each energy it simulates showers with the built-in simulator and prints
 each voxel's share of the layer energy (mean and s.d.) and the correlation of the first
 voxel's share with every other's, for the simulated showers (``ref``), a second simulated
-set (``other``, the floor), the run's samples (``gen``) and the simulated showers passed
+set (``other``, the floor), the run's samples (``gen``) and a third simulated set passed
 through encoder and decoder with their true layer energies, with the run's voxel noise
-(``recon``) and without (``mean``, the decoded means). The readout threshold is applied
-first. Used for docs/caloman-model.md (after step 15: dataset 1's layer 3 at 2 TeV).
+(``recon``) and without (``mean``, the decoded means): `attack_autoencoder.comparison_sets`.
+The readout threshold is applied first. Used for docs/caloman-model.md (after step 15: dataset 1's layer 3 at 2 TeV).
 
     .venv/bin/python scripts/layer_shares.py RUN --layer 3 --energies 2097152 --showers 6000
 
@@ -20,10 +20,9 @@ import argparse
 
 import numpy as np
 import torch
-from attack_autoencoder import reconstructed
+from attack_autoencoder import SHORT_NAMES, comparison_sets
 
 from caloman.runs import load_run
-from caloman.simulation.simulator import simulate_showers
 
 
 def shares(showers: np.ndarray, columns: slice, threshold: float) -> np.ndarray:
@@ -46,19 +45,9 @@ def main() -> None:
     offsets = binning.bin_edges
     columns = slice(int(offsets[args.layer]), int(offsets[args.layer + 1]))
     for energy in (float(e) for e in args.energies.split(",")):
-        n, incident = args.showers, torch.full((args.showers,), float(energy))
-        reference, other = (np.asarray(simulate_showers(binning, np.full(n, energy), seed=args.seed * 1000 + 11 + k))
-                            for k in (0, 1))
-        torch.manual_seed(args.seed)
-        with torch.inference_mode():
-            generated = model.sample(incident).numpy()
-        sets = {"ref": reference, "other": other, "gen": generated,
-                "recon": reconstructed(model, incident, reference, args.seed, noisy=True),
-                "mean": reconstructed(model, incident, reference, args.seed, noisy=False)}
-        for name, showers in sets.items():
-            f = shares(showers, columns, binning.readout_threshold)
-            f = f.astype(np.float64)
-            print(f"{energy:g} layer {args.layer} {name:5s} share mean {np.round(f.mean(0), 4).tolist()} "
+        for name, showers in comparison_sets(model, binning, energy, args.showers, args.seed).items():
+            f = shares(showers, columns, binning.readout_threshold).astype(np.float64)
+            print(f"{energy:g} layer {args.layer} {SHORT_NAMES[name]:5s} share mean {np.round(f.mean(0), 4).tolist()} "
                   f"s.d. {np.round(f.std(0), 4).tolist()} corr(first, each) "
                   f"{np.round(np.corrcoef(f.T)[0], 3).tolist()}", flush=True)
 
