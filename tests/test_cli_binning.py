@@ -59,7 +59,8 @@ def test_resolve_binning_unknown_count_is_a_voxel_count_error(tmp_path):
 
 @pytest.mark.parametrize("argv", [["evaluate", "--generated", "g.h5", "--reference", "r.h5", "--out", "o"],
                                   ["train", "f.h5", "--out", "run"],
-                                  ["dimension", "f.h5", "--out", "d"]])
+                                  ["dimension", "f.h5", "--out", "d"],
+                                  ["benchmark", "--data", "f.h5", "--reference", "r.h5"]])
 def test_binning_is_optional_in_every_command_that_reads_a_shower_file(argv):
     assert build_parser().parse_args(argv).binning is None
     assert build_parser().parse_args([*argv, "--binning", "ds3"]).binning == "ds3"
@@ -126,14 +127,20 @@ def dummy_models(monkeypatch):
     monkeypatch.setattr(caloman.runs, "default_model_factory", dummy_factory)
 
 
-def test_train_infers_the_binning_and_resumes_with_the_runs_own(tmp_path, capsys, dummy_models):
-    e, x = toy_showers(n=24, n_voxels=368)
+def _train_dummy(tmp_path, n_voxels: int, n: int):
+    """A one-epoch dummy-model run in tmp_path/run on n toy showers; returns (data file, run)."""
+    e, x = toy_showers(n=n, n_voxels=n_voxels)
     data = write_showers(tmp_path / "train.h5", e, x)
     (tmp_path / "cfg.toml").write_text("[model]\nhidden = 2\n[training]\nepochs = 1\nbatch_size = 8\n"
                                        "num_threads = 1\n")
     run = tmp_path / "run"
     args = ["-q", "train", str(data), "--model", "dummy", "--out", str(run), "--config", str(tmp_path / "cfg.toml")]
     assert main(args) == 0
+    return data, run
+
+
+def test_train_infers_the_binning_and_resumes_with_the_runs_own(tmp_path, capsys, dummy_models):
+    data, run = _train_dummy(tmp_path, 368, 24)
     assert f"binning: ds1-photons (inferred from 368 voxels in {data})" in capsys.readouterr().err
     config = json.loads((run / "config.json").read_text())
     assert config["model"]["config"]["n_voxels"] == 368 and "ds1-photons" in json.dumps(config)
@@ -142,6 +149,19 @@ def test_train_infers_the_binning_and_resumes_with_the_runs_own(tmp_path, capsys
     assert f"binning: ds1-photons (stored in {run / 'config.json'})" in capsys.readouterr().err
     assert main(["-q", "train", str(data), "--binning", "ds2", "--out", str(run), "--resume"]) == 2
     assert "was trained with binning ds1-photons" in capsys.readouterr().err
+
+
+def test_benchmark_takes_the_binning_from_the_reference_or_the_run(tmp_path, capsys, dummy_models):
+    """`caloman benchmark --run` on a dataset-2 run must not read its files as dataset 1."""
+    from caloman.cli.benchmark import _binning
+
+    data, run = _train_dummy(tmp_path, 6480, 16)
+    parse = build_parser().parse_args
+    assert _binning(parse(["benchmark", "--run", str(run)])) == "ds2"
+    assert _binning(parse(["benchmark", "--run", str(run), "--data", str(data), "--reference", str(data)])) == "ds2"
+    assert f"binning: ds2 (inferred from 6480 voxels in {data})" in capsys.readouterr().err
+    assert _binning(parse(["benchmark", "--binning", "ds3", "--run", str(run)])) == "ds3"
+    assert _binning(parse(["benchmark"])) == "ds1-photons"
 
 
 def test_train_unknown_voxel_count_exits_2_and_writes_nothing(tmp_path, capsys, dummy_models):

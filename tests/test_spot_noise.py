@@ -103,6 +103,24 @@ def test_calibration_recovers_known_scale_and_shape():
     assert best == shape, scores
 
 
+def test_calibration_reaches_spots_far_above_a_low_threshold():
+    """Dataset 2 and 3 read out at 15 keV, and their voxels hold MeV: spots thousands of times
+    the threshold. A grid that stopped at 200 thresholds lit far too many voxels there (every
+    strong AUC 1.000 on built-in dataset-2 showers, 2026-12-07); the fit must reach the scale."""
+    rng = np.random.default_rng(5)
+    threshold, scale, shape = 0.0152, 1500 * 0.0152, 0.25
+    means = np.exp(rng.uniform(np.log(0.05), np.log(20.0), 60_000))
+    energies = scale * rng.standard_gamma(rng.poisson(means / (shape * scale)) * shape)
+    energies = np.where(energies > threshold, energies, 0.0)
+    edges = np.linspace(np.log(0.05), np.log(20.0), 9)
+    bins = np.digitize(np.log(means), edges[1:-1])
+    counts, mean_sums = np.bincount(bins, minlength=8), np.bincount(bins, means, minlength=8)
+    occupied = np.bincount(bins, energies > 0, minlength=8)
+    fitted, by_occupancy = sn.fit_scales(counts, mean_sums, occupied, shape, threshold)
+    sensitive = by_occupancy & (occupied / counts > 0.05) & (occupied / counts < 0.95)
+    assert sensitive.sum() >= 4 and np.allclose(fitted[sensitive], scale, rtol=0.1)
+
+
 def test_always_lit_and_sparse_bins_take_the_nearest_fitted_scale():
     counts = np.array([50, 1000, 1000, 1000])  # too few; fitted; fitted; always lit
     means = np.array([0.1, 0.5, 2.0, 300.0])

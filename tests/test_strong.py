@@ -48,6 +48,18 @@ def test_energy_groups_of_a_continuous_spectrum_are_log_bins():
     np.testing.assert_array_equal(np.bincount(group), [167, 166, 167])
 
 
+def test_sub_samples_of_a_continuous_spectrum_share_their_energy_bins():
+    """The low-level test keeps fewer showers than the high-level one: both tables' rows must
+    be the same bins (before 2026-12-07 they were keyed 1415 and 1413 MeV side by side)."""
+    energies = np.exp(np.random.default_rng(0).uniform(np.log(1e3), np.log(1e6), 20_000))
+    keys, group = energy_groups(energies)
+    sub = energies[:700]
+    assert sub.min() > energies.min() and sub.max() < energies.max()
+    sub_keys, sub_group = energy_groups(sub)
+    assert sub_keys == keys and keys[0] == "1413" and keys[-1] == "707900"
+    np.testing.assert_array_equal(sub_group, group[:700])
+
+
 def test_strong_inputs_add_energy_ratios(binning):
     energies = np.array([1000.0])
     showers = np.zeros((1, binning.n_voxels))

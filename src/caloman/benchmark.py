@@ -383,6 +383,9 @@ def run_benchmark(out_dir: str | Path, config: BenchmarkConfig, *, run_dirs: dic
                                    training=training)
         else:
             loaded = load_run(run_dir)
+        if loaded.binning.n_voxels != binning.n_voxels:
+            raise ConfigError(f"{run_dir} was trained with {loaded.binning.n_voxels} voxels, the benchmark's binning "
+                              f"{config.binning} has {binning.n_voxels}: pass --binning or the run's own data")
         model = loaded.model
         history = loaded.history
         train_s = sum(s.seconds for s in history.stages) + history.preprocessing_seconds

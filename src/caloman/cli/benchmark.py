@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from caloman.cli import add_binning_argument, resolve_binning
 from caloman.errors import ConfigError
 
 
@@ -24,6 +25,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--run", type=Path, metavar="RUN", help="benchmark this trained run (one model only)")
     parser.add_argument("--data", type=Path, metavar="TRAIN.h5", help="training file (default: simulate)")
     parser.add_argument("--reference", type=Path, metavar="REF.h5", help="held-out reference file")
+    add_binning_argument(parser, "--reference", "; without --reference, RUN's binning, else ds1-photons (the "
+                         "built-in data are simulated in it)")
     parser.add_argument("--classifier", choices=("strong", "full", "quick", "none"), default="strong",
                         help="classifier test of the fidelity evaluation (default strong: boosted trees per incident "
                              "energy; full: the challenge protocol, hours on CPU; quick: unit tests only)")
@@ -50,10 +53,24 @@ def run(args: argparse.Namespace) -> int:
         batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
     except ValueError as exc:
         raise ConfigError(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}") from exc
-    config = BenchmarkConfig(profile=args.profile, models=models, batch_sizes=batch_sizes, threads=args.threads,
-                             seed=args.seed, classifier=args.classifier,
+    config = BenchmarkConfig(binning=_binning(args), profile=args.profile, models=models, batch_sizes=batch_sizes,
+                             threads=args.threads, seed=args.seed, classifier=args.classifier,
                              reference_sampler=not args.no_reference_sampler, onnx=not args.no_onnx)
     report = run_benchmark(args.out, config, run_dirs={models[0]: args.run} if args.run else None,
                            train_file=args.data, reference_file=args.reference)
     print(f"benchmark: {Path(args.out) / 'benchmark.md'} ({report['seconds']:.0f} s)")
     return 0
+
+
+def _binning(args: argparse.Namespace) -> str:
+    """``--binning``; else the one ``--reference``'s voxel count names; else ``--run``'s own;
+    else dataset-1 photons."""
+    if args.binning is not None or args.reference is not None:
+        return resolve_binning(args.binning, args.reference)
+    if args.run is not None:
+        from caloman.runs import read_run_config  # noqa: PLC0415
+
+        run_config = read_run_config(args.run)
+        return run_config.binning_name if run_config.binning_source.startswith("caloman.binnings/") \
+            else run_config.binning_source
+    return "ds1-photons"

@@ -163,8 +163,9 @@ def energy_groups(incident_energies: np.ndarray, n_bins: int = 10) -> tuple[list
 
     A spectrum of at most :data:`MAX_DISCRETE_ENERGIES` distinct energies is a
     ladder: one group per energy, keyed by the energy in MeV. Otherwise
-    ``n_bins`` log-spaced bins over the range, keyed by the bin's geometric
-    centre rounded to 4 digits.
+    ``n_bins`` log-spaced bins over the range widened to whole tenths of a decade
+    (1 GeV - 1 TeV stays 1 GeV - 1 TeV), keyed by the bin's geometric centre rounded
+    to 4 digits.
 
     Args:
         incident_energies: (N,) in MeV, positive.
@@ -177,10 +178,14 @@ def energy_groups(incident_energies: np.ndarray, n_bins: int = 10) -> tuple[list
         logs = np.log(levels.astype(np.float64))
         cuts = 0.5 * (logs[1:] + logs[:-1])
         return [_energy_key(float(v)) for v in levels], np.searchsorted(cuts, np.log(energies))
-    edges = np.linspace(np.log(energies.min()), np.log(energies.max()), n_bins + 1)
-    centres = np.exp(0.5 * (edges[1:] + edges[:-1]))
+    # The range is snapped outwards to tenths of a decade, so that sub-samples of one spectrum
+    # (the low-level test keeps fewer showers than the high-level one) share their bins.
+    low = np.floor(np.log10(energies.min()) * 10 + 1e-6) / 10
+    high = np.ceil(np.log10(energies.max()) * 10 - 1e-6) / 10
+    edges = np.linspace(low, max(high, low + 0.1), n_bins + 1)
+    centres = 10.0 ** (0.5 * (edges[1:] + edges[:-1]))
     keys = [_energy_key(float(f"{c:.4g}")) for c in centres]
-    return keys, np.clip(np.searchsorted(edges, np.log(energies), side="right") - 1, 0, n_bins - 1)
+    return keys, np.clip(np.searchsorted(edges, np.log10(energies), side="right") - 1, 0, n_bins - 1)
 
 
 def strong_inputs(kind: str, incident_energies: np.ndarray, showers: np.ndarray, binning: Binning) -> np.ndarray:
