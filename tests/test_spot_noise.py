@@ -121,6 +121,19 @@ def test_calibration_reaches_spots_far_above_a_low_threshold():
     assert sensitive.sum() >= 4 and np.allclose(fitted[sensitive], scale, rtol=0.1)
 
 
+def test_the_grid_beyond_200_thresholds_is_scanned_only_where_needed(monkeypatch):
+    """match_occupancy scans the first SCALE_GRID_FIRST scales for every bin and the rest only for
+    bins whose occupancy is still above target there; the result equals scanning all of it."""
+    rng = np.random.default_rng(1)
+    means = np.exp(rng.uniform(np.log(0.05), np.log(50.0), (200, 4)))
+    weights = rng.integers(1, 100, (200, 4)).astype(float)
+    occupancies = rng.uniform(0.01, 0.9, 200)
+    lazy = sn.match_occupancy(means, occupancies, 0.5, 0.0152, weights)
+    assert (lazy > 200 * 0.0152).any() and (lazy < 200 * 0.0152).any()  # both kinds of bins present
+    monkeypatch.setattr(sn, "SCALE_GRID_FIRST", len(sn.SCALE_GRID))
+    np.testing.assert_array_equal(lazy, sn.match_occupancy(means, occupancies, 0.5, 0.0152, weights))
+
+
 def test_always_lit_and_sparse_bins_take_the_nearest_fitted_scale():
     counts = np.array([50, 1000, 1000, 1000])  # too few; fitted; fitted; always lit
     means = np.array([0.1, 0.5, 2.0, 300.0])

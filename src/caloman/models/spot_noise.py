@@ -46,6 +46,9 @@ SHAPE_GRID = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 #: Dataset 1's fitted scales stay below 11 thresholds; datasets 2 and 3 read out at 15 keV and
 #: need spots of up to a few thousand (a grid that ended at 200 lit far too many voxels there).
 SCALE_GRID = np.geomspace(0.02, 2e5, 211)
+#: The grid's first points, up to 200 thresholds: every calibration scans them; the rest of the
+#: grid is computed only for the bins whose occupancy has not fallen to its target by then.
+SCALE_GRID_FIRST = 121
 #: Below this Poisson rate the compound distribution is summed term by term; above, a normal.
 _EXACT_RATE_BELOW = 60.0
 #: Terms of that sum: P(N > 128) < 1e-12 for rates below 60.
@@ -115,10 +118,12 @@ def occupancy(means: np.ndarray, scales: np.ndarray, shape: float, threshold: fl
     return out
 
 
-def occupancy_curves(means: np.ndarray, shape: float, threshold: float) -> np.ndarray:
-    """:func:`occupancy` for means (B,) at every scale of ``SCALE_GRID * threshold``: (B, S).
-    The same numbers, faster: the Gamma tail of each count is shared by all means."""
-    scales = SCALE_GRID * threshold
+def occupancy_curves(means: np.ndarray, shape: float, threshold: float,
+                     grid: np.ndarray | None = None) -> np.ndarray:
+    """:func:`occupancy` for means (B,) at every scale of ``grid * threshold`` (default
+    :data:`SCALE_GRID`): (B, S). The same numbers, faster: the Gamma tail of each count is
+    shared by all means."""
+    scales = (SCALE_GRID if grid is None else grid) * threshold
     n = np.arange(1, _MAX_TERMS + 1, dtype=np.float64)
     tails = special.gammaincc(n[:, None] * shape, threshold / scales[None, :])  # (N, S)
     rate = means[:, None] / (shape * scales[None, :])  # (B, S)
@@ -165,18 +170,22 @@ def match_occupancy(means: np.ndarray, occupancies: np.ndarray, shape: float, th
     ``weights`` (B, K) (their voxel counts): the model occupancy is then averaged over the
     sub-bins, since occupancy is far from linear in m near the threshold and the occupancy
     at a bin's mean is not its mean occupancy. occupancies (B,) -> theta (B,)."""
-    grid = SCALE_GRID * threshold
     means = np.asarray(means, np.float64)
-    if means.ndim == 1:
-        curves = occupancy_curves(means, shape, threshold)  # (B, S)
-    else:
-        weights = np.asarray(weights, np.float64)
-        used = weights > 0
-        sub = np.zeros(means.shape + (len(grid),))
-        sub[used] = occupancy_curves(means[used], shape, threshold)
-        curves = (sub * weights[..., None]).sum(1) / weights.sum(1, keepdims=True)
+    weights = None if weights is None else np.asarray(weights, np.float64)
+    occupancies = np.asarray(occupancies, np.float64)
+    first = SCALE_GRID[:SCALE_GRID_FIRST]
+    curves = list(_model_curves(means, weights, shape, threshold, first))
+    # Bins still above their target at the first part's end need the rest of the grid (datasets 2, 3).
+    short = [b for b, (curve, target) in enumerate(zip(curves, occupancies))
+             if curve[int(curve.argmax()):].min() > target]
+    if short:
+        rest = _model_curves(means[short], None if weights is None else weights[short], shape, threshold,
+                             SCALE_GRID[SCALE_GRID_FIRST:])
+        for b, tail in zip(short, rest):
+            curves[b] = np.concatenate([curves[b], tail])
     out = np.empty(len(means))
     for b, (curve, target) in enumerate(zip(curves, occupancies)):
+        grid = SCALE_GRID[:len(curve)] * threshold
         peak = int(curve.argmax())
         tail = curve[peak:]
         below = np.nonzero(tail <= target)[0]
@@ -192,6 +201,18 @@ def match_occupancy(means: np.ndarray, occupancies: np.ndarray, shape: float, th
         t = (c0 - target) / max(c0 - c1, 1e-300)
         out[b] = float(np.exp(np.log(grid[j - 1]) + t * (np.log(grid[j]) - np.log(grid[j - 1]))))
     return out
+
+
+def _model_curves(means: np.ndarray, weights: np.ndarray | None, shape: float, threshold: float,
+                  grid: np.ndarray) -> np.ndarray:
+    """The model's occupancy per bin at the scales ``grid * threshold``: (B, S) for means (B,), or
+    for sub-bin means (B, K) the average over the sub-bins weighted by ``weights`` (B, K)."""
+    if means.ndim == 1:
+        return occupancy_curves(means, shape, threshold, grid)
+    used = weights > 0
+    sub = np.zeros(means.shape + (len(grid),))
+    sub[used] = occupancy_curves(means[used], shape, threshold, grid)
+    return (sub * weights[..., None]).sum(1) / weights.sum(1, keepdims=True)
 
 
 def fit_scales(counts: np.ndarray, mean_sums: np.ndarray, occupied: np.ndarray, shape: float,
