@@ -160,11 +160,16 @@ class RunConfig:
         except (KeyError, TypeError, ConfigError) as exc:
             raise RunDirectoryError(f"{source} lacks or has a malformed entry ({exc!r}); {remedy}") from exc
 
+    @property
+    def binning_key(self) -> str:
+        """What :func:`~caloman.geometry.load_binning` takes for this run's binning: a shipped
+        binning's name, else the path of its XML."""
+        shipped = self.binning_source.startswith("caloman.binnings/") and self.binning_name in BUILTIN_BINNINGS
+        return self.binning_name if shipped else self.binning_source
+
     def load_binning(self) -> Binning:
-        key = self.binning_name if self.binning_source.startswith("caloman.binnings/") and \
-            self.binning_name in BUILTIN_BINNINGS else self.binning_source
         try:
-            binning = load_binning(key)
+            binning = load_binning(self.binning_key)
         except BinningError as exc:
             raise RunDirectoryError(
                 f"the run's binning cannot be loaded ({exc}); restore {self.binning_source}") from exc

@@ -70,7 +70,5 @@ def _binning(args: argparse.Namespace) -> str:
     if args.run is not None:
         from caloman.runs import read_run_config  # noqa: PLC0415
 
-        run_config = read_run_config(args.run)
-        return run_config.binning_name if run_config.binning_source.startswith("caloman.binnings/") \
-            else run_config.binning_source
+        return read_run_config(args.run).binning_key
     return "ds1-photons"
