@@ -174,33 +174,34 @@ def match_occupancy(means: np.ndarray, occupancies: np.ndarray, shape: float, th
     weights = None if weights is None else np.asarray(weights, np.float64)
     occupancies = np.asarray(occupancies, np.float64)
     first = SCALE_GRID[:SCALE_GRID_FIRST]
-    curves = list(_model_curves(means, weights, shape, threshold, first))
+    curves = _model_curves(means, weights, shape, threshold, first)
+    out = [_crossing(curve, target, first * threshold) for curve, target in zip(curves, occupancies)]
     # Bins still above their target at the first part's end need the rest of the grid (datasets 2, 3).
-    short = [b for b, (curve, target) in enumerate(zip(curves, occupancies))
-             if curve[int(curve.argmax()):].min() > target]
+    short = [b for b, theta in enumerate(out) if theta is None]
     if short:
+        grid = SCALE_GRID * threshold
         rest = _model_curves(means[short], None if weights is None else weights[short], shape, threshold,
                              SCALE_GRID[SCALE_GRID_FIRST:])
         for b, tail in zip(short, rest):
-            curves[b] = np.concatenate([curves[b], tail])
-    out = np.empty(len(means))
-    for b, (curve, target) in enumerate(zip(curves, occupancies)):
-        grid = SCALE_GRID[:len(curve)] * threshold
-        peak = int(curve.argmax())
-        tail = curve[peak:]
-        below = np.nonzero(tail <= target)[0]
-        if len(below) == 0:
-            out[b] = grid[-1]
-            continue
-        j = peak + int(below[0])
-        if j == peak:
-            out[b] = grid[peak]
-            continue
-        # Log-linear interpolation between the grid points around the crossing.
-        c0, c1 = curve[j - 1], curve[j]
-        t = (c0 - target) / max(c0 - c1, 1e-300)
-        out[b] = float(np.exp(np.log(grid[j - 1]) + t * (np.log(grid[j]) - np.log(grid[j - 1]))))
-    return out
+            theta = _crossing(np.concatenate([curves[b], tail]), occupancies[b], grid)
+            out[b] = grid[-1] if theta is None else theta
+    return np.array(out, dtype=np.float64)
+
+
+def _crossing(curve: np.ndarray, target: float, grid: np.ndarray) -> float | None:
+    """The scale of ``grid`` (MeV) where the occupancy ``curve`` first falls to ``target`` after
+    its peak (log-linear interpolation between the grid points around it); the peak's scale
+    if the peak is already at or below it; None if the curve never falls that far."""
+    peak = int(curve.argmax())
+    below = np.nonzero(curve[peak:] <= target)[0]
+    if len(below) == 0:
+        return None
+    j = peak + int(below[0])
+    if j == peak:
+        return float(grid[peak])
+    c0, c1 = curve[j - 1], curve[j]
+    t = (c0 - target) / max(c0 - c1, 1e-300)
+    return float(np.exp(np.log(grid[j - 1]) + t * (np.log(grid[j]) - np.log(grid[j - 1]))))
 
 
 def _model_curves(means: np.ndarray, weights: np.ndarray | None, shape: float, threshold: float,
