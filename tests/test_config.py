@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from caloman.config import ConfigFile, DataConfig, load_config, parse_config, training_config_from_dict
@@ -104,3 +106,10 @@ def test_training_config_from_dict_round_trip():
         TrainingConfig(stage_patience={"a": -1})
     with pytest.raises(ConfigError, match="unknown key"):
         training_config_from_dict({**cfg.to_dict(), "momentum": 0.9})
+
+
+def test_the_shipped_dataset_3_configuration_is_a_valid_streamed_full_profile():
+    path = Path(__file__).resolve().parents[1] / "configs" / "ds3-full.toml"
+    training = load_config(path).training_config("full")
+    assert training.stream_chunk_showers >= training.batch_size and training.stream_cache
+    assert training.epochs_for("autoencoder") < training.epochs and training.patience_for("autoencoder") > 0

@@ -126,6 +126,20 @@ def _compare(runs, exports, name: str, n: int, seed: int):
     return compare_showers(got, expected, model.threshold), got, expected, model
 
 
+def test_the_onnx_sampler_runs_a_large_batch_in_pieces_with_their_own_noise(runs, exports, monkeypatch):
+    model = load_run(runs["caloman"]).model
+    shape = model.noise_shape()
+    energies = np.full(10, 1e4, dtype=np.float32)
+    monkeypatch.setattr("caloman.export.runtime.NOISE_VALUES", 4 * (shape.normal + shape.uniform))
+    sampler = OnnxSampler(exports["caloman", "caloman"], shape.normal, shape.uniform, seed=2)
+    calls = []
+    run = sampler.run
+    sampler.run = lambda e, normal, uniform=None: calls.append(len(e)) or run(e, normal, uniform)
+    showers = sampler(energies)
+    assert calls == [4, 4, 2] and showers.shape == (10, model.n_voxels) and (showers >= 0).all()
+    assert not np.array_equal(showers[:2], showers[4:6])  # each piece draws its own noise
+
+
 @pytest.mark.parametrize("n", [1, 64])
 @pytest.mark.parametrize("name", ["ambient-flow", "caloman-smooth", "caloman-mflow"])
 def test_onnx_matches_pytorch_voxel_by_voxel(runs, exports, name, n):

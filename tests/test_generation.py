@@ -47,6 +47,19 @@ def test_chunks_shapes_and_non_negative():
     assert showers.dtype == np.float32 and np.isfinite(showers).all() and (showers >= 0).all()
 
 
+def test_a_batch_above_the_value_bound_is_sampled_in_pieces_with_their_own_noise(monkeypatch):
+    model = ranged_model()
+    energies = torch.full((20,), 1e4)
+    monkeypatch.setattr("caloman.models.base.SAMPLE_VALUES", 7 * model.n_voxels)  # pieces of 7 showers
+    torch.manual_seed(4)
+    with torch.inference_mode():
+        whole = model.sample(energies)
+        torch.manual_seed(4)
+        pieces = torch.cat([model._sample_piece(energies[i:i + 7]) for i in (0, 7, 14)])
+    assert whole.shape == (20, 6) and torch.equal(whole, pieces)
+    assert not torch.equal(whole[:6], whole[7:13])
+
+
 def test_seeded_and_leaves_global_rng_alone():
     model = ranged_model()
     energies = np.full(12, 1e4)

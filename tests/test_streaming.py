@@ -5,6 +5,7 @@ split; trains and resumes exactly with smaller chunks)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -19,9 +20,9 @@ from caloman.models import build_model
 from caloman.models.base import Stage
 from caloman.models.mflow import MFlowAutoencoder
 from caloman.preprocessing import make_preprocessing
-from caloman.stage_data import StreamedStageData
+from caloman.stage_data import StreamedHeldStageData, StreamedStageData
 from caloman.training import TrainingConfig, seed_everything, train_model, train_split
-from caloman.training_data import SplitData, StreamedSplit, iter_chunks, load_training_data
+from caloman.training_data import SplitData, StreamedSplit, cached_split, iter_chunks, load_training_data
 from test_generation import write_caloman_toy
 from test_training import Interrupt, fresh_model, toy_showers
 
@@ -60,6 +61,12 @@ def test_bad_stream_chunk_showers_is_a_config_error(value):
     assert TrainingConfig(batch_size=32, stream_chunk_showers=32).stream_chunk_showers == 32
 
 
+@pytest.mark.parametrize("settings", [dict(stream_cache=True), dict(stream_cache=1, stream_chunk_showers=32)])
+def test_stream_cache_needs_streaming_and_a_bool(settings):
+    with pytest.raises(ConfigError, match="stream_cache"):
+        TrainingConfig(batch_size=32, **settings)
+
+
 def test_cli_rejects_a_bad_chunk_size_with_exit_code_2(tmp_path, capsys):
     write_caloman_toy(tmp_path, n=40, batch_size=16)
     code = main(["train", str(tmp_path / "train.h5"), "--out", str(tmp_path / "run"), "--config",
@@ -89,6 +96,22 @@ def test_streamed_split_reads_the_rows_the_in_memory_split_holds(tmp_path):
             assert np.array_equal(getattr(streamed, idx), positions)
             for got, want in zip(streamed.read(positions), memory.read(positions)):
                 np.testing.assert_array_equal(got, want)
+
+
+def test_the_stream_cache_reads_what_the_file_holds_and_is_rewritten_for_other_rows(tmp_path):
+    e, x = toy_showers(n=90)
+    write_showers(tmp_path / "f.h5", e, x)
+    streamed = load_training_data(tmp_path / "f.h5", None, _config(max_showers=70, stream_chunk_showers=32))
+    cached = cached_split(streamed, tmp_path / "run" / "stream-cache.h5")
+    assert cached.fingerprint == streamed.fingerprint and np.array_equal(cached.rows, np.arange(70))
+    for positions in (streamed.train_idx, streamed.val_idx, streamed.train_idx[5:40]):
+        for got, want in zip(cached.read(positions), streamed.read(positions)):
+            assert got.dtype == want.dtype
+            np.testing.assert_array_equal(got, want)
+    other = load_training_data(tmp_path / "f.h5", None, _config(max_showers=60, stream_chunk_showers=32))
+    recached = cached_split(other, tmp_path / "run" / "stream-cache.h5")  # not the copy of these rows
+    for got, want in zip(recached.read(other.val_idx), other.read(other.val_idx)):
+        np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("name", ["per-layer", "paper"])
@@ -182,6 +205,34 @@ def test_each_epoch_visits_every_row_once_in_a_new_seeded_order():
     assert np.concatenate([t[0].numpy() for t in streamed.val_chunks()]).tolist() == np.float32(e[80:]).tolist()
 
 
+def test_a_compact_stage_is_read_once_and_held_with_the_rows_the_chunks_hold():
+    e, x = toy_showers(n=100)
+    data = SplitData(e, x, np.arange(80), np.arange(80, 100), 100, "")
+    calls = []
+
+    def make_data(energies, showers):
+        calls.append(len(energies))
+        return energies, torch.rand(len(energies))  # a random draw: seeded per chunk
+
+    stage = Stage("codes", torch.nn.Linear(1, 1), make_data, lambda batch: batch[0].sum(), compact=True)
+
+    def held(fit):
+        return StreamedHeldStageData(fresh_model(), stage, data, torch.device("cpu"), None, chunk_showers=32,
+                                     fit=fit, val_seed=[0])
+
+    first = held(fit=True)
+    assert calls == [32, 32, 16, 20]  # the training chunks, then the validation chunk, once
+    orders = [[float(t[0][i]) for t, order in first.train_chunks([1, 0, k]) for i in order] for k in range(2)]
+    assert calls == [32, 32, 16, 20]  # epochs read nothing
+    assert sorted(orders[0]) == sorted(np.float32(e[:80]).tolist()) and orders[0] != orders[1]
+    assert first.n_batches(10) == 8
+    assert first.val[0].tolist() == np.float32(e[80:]).tolist()
+    torch.rand(5)  # the global stream moves on: a resumed stage builds the same tensors all the same
+    again = held(fit=False)
+    for a, b in zip(first.train + first.val, again.train + again.val):
+        assert torch.equal(a, b)
+
+
 # -- CaloMan end to end --------------------------------------------------------------------------
 def test_one_chunk_holding_the_split_trains_exactly_as_in_memory(tmp_path):
     write_caloman_toy(tmp_path, n=120, batch_size=32)
@@ -215,6 +266,34 @@ def test_streamed_training_in_small_chunks_resumes_to_the_uninterrupted_result(t
     seed_everything(5)
     resumed = build_model("caloman", load_binning("ds1-photons"), profile="quick", overrides=TINY)
     train_split(resumed, data, config, tmp_path / "run", resume=True)
+    for key, value in reference.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+
+
+def test_a_cached_streamed_run_trains_as_from_the_file_resumes_from_its_cache_and_removes_it(tmp_path,
+                                                                                              monkeypatch):
+    write_caloman_toy(tmp_path, n=150, batch_size=32)
+    config = _config(stream_chunk_showers=40)
+    data = load_training_data(tmp_path / "train.h5", "ds1-photons", config)
+    reference = _caloman()
+    train_split(reference, data, config, tmp_path / "reference")
+
+    def stop(stage, record):
+        if (stage, record.epoch) == ("autoencoder", 1):
+            raise Interrupt
+
+    cached = dataclasses.replace(config, stream_cache=True)
+    with pytest.raises(Interrupt):
+        train_split(_caloman(), data, cached, tmp_path / "run", on_epoch_end=stop)
+    assert (tmp_path / "run" / "stream-cache.h5").is_file()  # kept for the resume
+
+    def no_rewrite(*args, **kwargs):
+        raise AssertionError("the cache of the same rows was written again")
+
+    monkeypatch.setattr("caloman.training_data.atomic_path", no_rewrite)
+    resumed = _caloman()
+    train_split(resumed, data, cached, tmp_path / "run", resume=True)
+    assert not (tmp_path / "run" / "stream-cache.h5").exists()
     for key, value in reference.state_dict().items():
         assert torch.equal(resumed.state_dict()[key], value), key
 

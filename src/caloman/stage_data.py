@@ -11,7 +11,8 @@ seeded random order and each chunk's rows in a seeded random order, building eac
 chunk's tensors just before training on it. Validation chunks are built with a seed of
 their own (chunk and stage), so the validation loss of every epoch is measured on the
 same tensors. Peak memory is one chunk's showers and tensors, whatever the number of
-showers.
+showers. A compact stage (``Stage.compact``: a few numbers per shower) is streamed once:
+its tensors are built chunk by chunk when the stage starts and held, as in memory.
 """
 
 from __future__ import annotations
@@ -60,7 +61,25 @@ class StageData:
         raise NotImplementedError
 
 
-class CachedStageData(StageData):
+class HeldStageData(StageData):
+    """Tensors held for the whole stage, ``self.train`` and ``self.val``: one chunk per epoch,
+    the whole training split in the epoch's seeded order."""
+
+    train: tuple[Tensor, ...]
+    val: tuple[Tensor, ...]
+
+    def n_batches(self, batch_size: int) -> int:
+        return -(-len(self.train[0]) // batch_size)
+
+    def train_chunks(self, key: list[int]) -> Iterator[Chunk]:
+        order = np.random.default_rng(key).permutation(len(self.train[0]))
+        yield self.train, torch.as_tensor(order, device=self.train[0].device)
+
+    def val_chunks(self) -> Iterator[tuple[Tensor, ...]]:
+        yield self.val
+
+
+class CachedStageData(HeldStageData):
     """Built once from all of the split (the in-memory training): the first ``make_data``
     call sees the whole training split and may fit the stage's constants there."""
 
@@ -72,16 +91,6 @@ class CachedStageData(StageData):
             # make_data fitted constants on this rank's share: take rank 0's and build again with them
             self.train = self.build(data.train_idx)
         self.val = self.build(data.val_idx)
-
-    def n_batches(self, batch_size: int) -> int:
-        return -(-len(self.train[0]) // batch_size)
-
-    def train_chunks(self, key: list[int]) -> Iterator[Chunk]:
-        order = np.random.default_rng(key).permutation(len(self.train[0]))
-        yield self.train, torch.as_tensor(order, device=self.train[0].device)
-
-    def val_chunks(self) -> Iterator[tuple[Tensor, ...]]:
-        yield self.val
 
 
 class StreamedStageData(StageData):
@@ -120,13 +129,35 @@ class StreamedStageData(StageData):
 
     def val_chunks(self) -> Iterator[tuple[Tensor, ...]]:
         positions, size = self.data.val_idx, self.chunk_showers
-        devices = [self.device] if self.device.type == "cuda" else []
         for j, start in enumerate(range(0, len(positions), size)):
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(int(np.random.SeedSequence([*self.val_seed, j]).generate_state(1)[0]))
-                tensors = self.build(positions[start:start + size])
+            tensors = self._seeded_build(positions[start:start + size], [*self.val_seed, j])
             yield tensors
             del tensors
+
+    def _seeded_build(self, positions: np.ndarray, key: list[int]) -> tuple[Tensor, ...]:
+        """:meth:`build` with torch's generator seeded by ``key`` (and restored afterwards)."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
+            return self.build(positions)
+
+
+class StreamedHeldStageData(HeldStageData, StreamedStageData):
+    """A compact stage (``Stage.compact``) in streamed training: ``stage.fit`` on the
+    training chunks as :class:`StreamedStageData`, then every chunk built once (training
+    chunk i seeded with (val_seed, i, 1), so a resumed stage rebuilds the same tensors
+    whether or not it fitted) and held for all epochs."""
+
+    def __init__(self, model: ShowerModel, stage: Stage, data: TrainingShowers, device: torch.device,
+                 distributed: Distributed | None, *, chunk_showers: int, fit: bool, val_seed: list[int]) -> None:
+        super().__init__(model, stage, data, device, distributed, chunk_showers=chunk_showers, fit=fit,
+                         val_seed=val_seed)
+        positions, size = data.train_idx, chunk_showers
+        parts = [self._seeded_build(positions[start:start + size], [*val_seed, i, 1])
+                 for i, start in enumerate(range(0, len(positions), size))]
+        self.train = tuple(torch.cat(column) for column in zip(*parts))
+        del parts
+        self.val = tuple(torch.cat(column) for column in zip(*StreamedStageData.val_chunks(self)))
 
 
 def check_stage_data(stage: Stage, data: tuple[Tensor, ...], n: int) -> None:

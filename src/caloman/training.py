@@ -44,8 +44,17 @@ from caloman.errors import ConfigError, RunDirectoryError, TrainingDivergedError
 from caloman.io import atomic_path
 from caloman.models.base import ShowerModel, Stage
 from caloman.progress import ProgressBar
-from caloman.stage_data import CachedStageData, StageData, StreamedStageData
-from caloman.training_data import TrainingShowers, data_fingerprint, iter_chunks, split_in_memory, split_indices
+from caloman.stage_data import CachedStageData, StageData, StreamedHeldStageData, StreamedStageData
+from caloman.training_data import (
+    StreamedSplit,
+    TrainingShowers,
+    cached_split,
+    data_fingerprint,
+    iter_chunks,
+    split_in_memory,
+    split_indices,
+    stream_cache_path,
+)
 
 __all__ = ["TrainingConfig", "TrainingHistory", "StageHistory", "EpochRecord", "train_model", "train_split",
            "seed_everything", "learning_rate_at", "split_indices", "data_fingerprint"]
@@ -61,7 +70,8 @@ CHECKPOINT_FORMAT = "caloman-checkpoint/1"
 
 #: Training settings that may change between an interrupted run and its resumption
 #: (they extend or shorten training, or only affect speed); any other change is refused.
-RESUMABLE_CHANGES = frozenset({"epochs", "stage_epochs", "patience", "stage_patience", "num_threads", "device"})
+RESUMABLE_CHANGES = frozenset({"epochs", "stage_epochs", "patience", "stage_patience", "num_threads", "device",
+                               "stream_cache"})
 
 
 # ---------------------------------------------------------------------------
@@ -103,6 +113,9 @@ class TrainingConfig:
     #: 0: hold the showers and each stage's tensors in memory; N: stream them in chunks of N
     #: showers, in bounded memory (docs/training-and-generation.md, "Streamed training")
     stream_chunk_showers: int = 0
+    #: streamed training only: copy the run's showers once into an uncompressed file in the run
+    #: directory (deleted when training ends) and read every epoch from there
+    stream_cache: bool = False
     stage_epochs: dict[str, int] = field(default_factory=dict)
     stage_learning_rates: dict[str, float] = field(default_factory=dict)
     stage_patience: dict[str, int] = field(default_factory=dict)
@@ -135,6 +148,9 @@ class TrainingConfig:
                 self.stream_chunk_showers == 0 or self.stream_chunk_showers >= self.batch_size):
             problems.append(f"stream_chunk_showers must be 0 (in memory) or a whole number of showers >= batch_size "
                             f"({self.batch_size}), got {self.stream_chunk_showers!r}")
+        if not isinstance(self.stream_cache, bool) or (self.stream_cache and not self.stream_chunk_showers):
+            problems.append(f"stream_cache must be true or false, and true only with stream_chunk_showers > 0; got "
+                            f"{self.stream_cache!r} with stream_chunk_showers = {self.stream_chunk_showers!r}")
         if any(n < 1 for n in self.stage_epochs.values()):
             problems.append(f"stage_epochs must all be >= 1, got {self.stage_epochs}")
         if any(not lr > 0 for lr in self.stage_learning_rates.values()):
@@ -599,6 +615,10 @@ def train_split(model: ShowerModel, data: TrainingShowers, config: TrainingConfi
                                 "continue it, or choose a new run directory")
     device = distributed.device if distributed is not None else resolve_device(config.device)
     rank = distributed.rank if distributed is not None else 0
+    cache = None
+    if config.stream_cache and isinstance(data, StreamedSplit):
+        cache = stream_cache_path(run_dir, rank, distributed.world_size if distributed is not None else 1)
+        data = cached_split(data, cache)
     with _torch_threads(config.num_threads):
         model.to(device)
         if not resume:
@@ -642,6 +662,8 @@ def train_split(model: ShowerModel, data: TrainingShowers, config: TrainingConfi
             _train_stage(session, stages[session.progress.stage_index], checkpoint, stage_start_rng)
             checkpoint = None
             stage_start_rng = _rng_state(device)
+    if cache is not None:  # kept after an interruption, for --resume
+        cache.unlink(missing_ok=True)
     model.eval()
     return session.history
 
@@ -725,15 +747,17 @@ def _train_stage(session: _Session, stage: Stage, checkpoint: dict[str, Any] | N
 
 def _stage_data(session: _Session, stage: Stage, stage_start_rng: dict[str, Any]) -> StageData:
     """The stage's training and validation tensors, built in memory or streamed per chunk
-    (when the training split exceeds one chunk), from the stage's starting RNG state
+    (when the training split exceeds one chunk; a compact stage's chunks are built once and
+    held), from the stage's starting RNG state
     (make_data and stage.fit may draw random numbers; also when resuming)."""
     _set_rng_state(stage_start_rng, session.device)
     chunk = session.config.stream_chunk_showers
     if not chunk or len(session.data.train_idx) <= chunk:
         return CachedStageData(session.model, stage, session.data, session.device, session.distributed)
     key = [session.config.seed, 3, session.progress.stage_index] + ([session.rank] if session.rank else [])
-    return StreamedStageData(session.model, stage, session.data, session.device, session.distributed,
-                             chunk_showers=chunk, fit=session.progress.next_epoch == 0, val_seed=key)
+    streamed = StreamedHeldStageData if stage.compact else StreamedStageData
+    return streamed(session.model, stage, session.data, session.device, session.distributed,
+                    chunk_showers=chunk, fit=session.progress.next_epoch == 0, val_seed=key)
 
 
 def _stage_optimizer(session: _Session, stage: Stage, params: list[torch.nn.Parameter],

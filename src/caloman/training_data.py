@@ -11,22 +11,27 @@ from the file.
 With ``TrainingConfig.stream_chunk_showers`` the showers stay in the file:
 :class:`StreamedSplit` holds only the row numbers and reads chunks of them when
 training asks (:meth:`StreamedSplit.read`), so memory does not grow with the
-number of showers. Both kinds give the same rows, split and fingerprint.
+number of showers. Both kinds give the same rows, split and fingerprint. With
+``TrainingConfig.stream_cache`` the rows are first copied, once, into an
+uncompressed file in the run directory (:func:`cached_split`), so that every
+epoch reads raw float32 instead of inflating gzip.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import h5py
 import numpy as np
 
 from caloman.errors import ConfigError
 from caloman.geometry import Binning
-from caloman.io import ShowerFile, load_showers, subset_rows
+from caloman.io import INCIDENT_KEY, SHOWERS_KEY, ShowerFile, atomic_path, load_showers, subset_rows
 
 if TYPE_CHECKING:
     from caloman.distributed import Distributed
@@ -78,6 +83,47 @@ class StreamedSplit:
 
 #: What training reads its showers from.
 TrainingShowers = SplitData | StreamedSplit
+
+
+def stream_cache_path(run_dir: Path, rank: int = 0, world_size: int = 1) -> Path:
+    """Where a streamed run keeps the uncompressed copy of this process's showers."""
+    return run_dir / ("stream-cache.h5" if world_size == 1 else f"stream-cache-rank{rank}.h5")
+
+
+def cached_split(data: StreamedSplit, path: Path) -> StreamedSplit:
+    """``data`` read from an uncompressed copy of its rows at ``path`` (a CaloChallenge
+    file: float64 incident energies, the showers in the source's dtype, contiguous, no
+    filter). The copy is written chunk by chunk (values checked as they are read, once)
+    and atomically, unless ``path`` already holds a copy of the same rows (an interrupted
+    run resuming). Reading it returns the same arrays as reading the source, so training
+    gives the same result; what changes is that an epoch copies raw bytes instead of
+    inflating gzip (dataset 3: 6.8 s of a 17.5 s chunk of 4,096 showers, 2026-12-07)."""
+    key = hashlib.sha256(np.ascontiguousarray(data.rows, dtype=np.int64).tobytes()).hexdigest()
+    if not _holds_copy(path, data, key):
+        n = len(data.rows)
+        with atomic_path(path, suffix=".h5.tmp") as tmp, h5py.File(tmp, "w") as h5:
+            energies = h5.create_dataset(INCIDENT_KEY, shape=(n, 1), dtype=np.float64)
+            showers = None
+            for start in range(0, n, data.span):
+                e, x = data.read(np.arange(start, min(start + data.span, n)))
+                if showers is None:
+                    showers = h5.create_dataset(SHOWERS_KEY, shape=(n, x.shape[1]), dtype=x.dtype)
+                energies[start:start + len(e), 0] = e
+                showers[start:start + len(e)] = x
+            h5.attrs.update({"cache_of": str(data.path), "rows_sha256": key, "fingerprint": data.fingerprint})
+    return dataclasses.replace(data, path=path, rows=np.arange(len(data.rows)))
+
+
+def _holds_copy(path: Path, data: StreamedSplit, key: str) -> bool:
+    """Whether ``path`` is a complete copy of ``data``'s rows (same rows and fingerprint)."""
+    if not path.exists():
+        return False
+    try:
+        with h5py.File(path, "r") as h5:
+            return (h5.attrs.get("rows_sha256") == key and h5.attrs.get("fingerprint") == data.fingerprint
+                    and h5[SHOWERS_KEY].shape[0] == len(data.rows))
+    except (OSError, KeyError):
+        return False
 
 
 def iter_chunks(data: TrainingShowers, positions: np.ndarray, size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -58,6 +58,12 @@ def available_devices() -> list[str]:
     return ["cpu", "cuda"] if "CUDAExecutionProvider" in ort.get_available_providers() else ["cpu"]
 
 
+#: Most noise numbers (showers x noise per shower) one ONNX Runtime call of
+#: :class:`OnnxSampler` gets; larger batches run in pieces (dataset 3: 276 showers a call,
+#: dataset 1: up to 29,000). Kept apart from torch (this module does not import it).
+NOISE_VALUES = 2**25
+
+
 class OnnxSampler:
     """An exported graph in the ``caloman`` convention as a sampler: incident energies
     (n,) in MeV -> showers (n, V) in MeV, float32, with noise from a numpy generator.
@@ -86,10 +92,16 @@ class OnnxSampler:
         return self.session.run(None, feeds)[0]
 
     def __call__(self, incident_energies: np.ndarray) -> np.ndarray:
-        n = len(incident_energies)
-        normal = self.rng.standard_normal((n, self.n_normal), dtype=np.float32)
-        uniform = self.rng.random((n, self.n_uniform), dtype=np.float32) if self.n_uniform else None
-        return self.run(incident_energies, normal, uniform)
+        """Showers for energies (n,) MeV with fresh noise; like ``ShowerModel.sample``, a batch
+        whose noise would exceed ``NOISE_VALUES`` numbers runs in pieces (bounded memory)."""
+        piece = max(1, NOISE_VALUES // max(1, self.n_normal + self.n_uniform))
+        parts = []
+        for start in range(0, max(len(incident_energies), 1), piece):
+            n = len(incident_energies[start:start + piece])
+            normal = self.rng.standard_normal((n, self.n_normal), dtype=np.float32)
+            uniform = self.rng.random((n, self.n_uniform), dtype=np.float32) if self.n_uniform else None
+            parts.append(self.run(incident_energies[start:start + piece], normal, uniform))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 @dataclass(frozen=True)

@@ -287,7 +287,8 @@ class CaloFlowModel(ShowerModel):
 
     # -- training stages ---------------------------------------------------------------------
     def stages(self) -> list[Stage]:
-        return [Stage("layer_energy", self.layer_energy, self._layer_energy_data, self._layer_energy_loss),
+        return [Stage("layer_energy", self.layer_energy, self._layer_energy_data, self._layer_energy_loss,
+                      compact=True),
                 Stage("shape_flow", self.shape_flow, self._shape_data, self._shape_loss)]
 
     def _chunked(self, incident_energies: Tensor, showers: Tensor, fn) -> tuple[Tensor, ...]:

@@ -507,7 +507,8 @@ class CaloManModel(ShowerModel):
     def stages(self) -> list[Stage]:
         stages = []
         if self.per_layer:
-            stages.append(Stage("layer_energy", self.layer_energy, self._layer_energy_data, self._layer_energy_loss))
+            stages.append(Stage("layer_energy", self.layer_energy, self._layer_energy_data, self._layer_energy_loss,
+                                compact=True))
         if self.config.autoencoder in MFLOW_KINDS and self.config.mflow_schedule == "alternating":
             stages.append(self._manifold_density_stage())
         else:
@@ -515,10 +516,10 @@ class CaloManModel(ShowerModel):
                                 fit=self._fit_autoencoder_inputs if self.config.autoencoder in MFLOW_KINDS else None))
         if self.latent_ebim is not None:
             stages.append(Stage("latent_ebim", self.latent_ebim, self._latent_data, self.latent_ebim.loss,
-                                fit=self._fit_latent))
+                                fit=self._fit_latent, compact=True))
         else:
             stages.append(Stage("latent_flow", self.latent_flow, self._latent_data, self._latent_loss,
-                                fit=self._fit_latent))
+                                fit=self._fit_latent, compact=True))
         return stages
 
     def _manifold_density_stage(self) -> Stage:
