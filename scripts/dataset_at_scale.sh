@@ -5,8 +5,9 @@
 #
 # Simulates TRAIN_SHOWERS (default 100,000, the CaloChallenge's size) and TEST_SHOWERS
 # (default 20,000) log-uniform 1 GeV - 1 TeV showers with different seeds, estimates the
-# intrinsic dimension on 10,000 of them, trains the full profile with that latent dimension
-# under /usr/bin/time -v (wall time and peak RSS in WORKDIR/train.log), then runs
+# intrinsic dimension on 10,000 of them (DIM_SHOWERS), trains the full profile with that latent
+# dimension (and configs/<binning>-full.toml where one exists: dataset 3's streamed, capped
+# budget) under /usr/bin/time -v (wall time and peak RSS in WORKDIR/train.log), then runs
 # `caloman benchmark --run` on the held-out file: generation speed (batch 1, 100, 10,000),
 # the strong classifier test per incident-energy bin, separation powers and FPD in
 # WORKDIR/benchmark/benchmark.md. Each step is skipped when its output exists, so an
@@ -27,12 +28,16 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
     --count "$n_train" --seed 1 --out data/train.h5
 [ -f data/test.h5 ] || "$caloman" -q simulate --binning "$binning" --energies loguniform:1000:1000000 \
     --count "$n_test" --seed 2 --out data/test.h5
-[ -f dim/dimension.json ] || "$caloman" -q dimension data/train.h5 --out dim --max-showers 10000
+[ -f dim/dimension.json ] || "$caloman" -q dimension data/train.h5 --out dim --max-showers "${DIM_SHOWERS:-10000}"
 if [ ! -f run/model.safetensors ]; then
-    resume=()
-    [ -d run ] && resume=(--resume)
-    { date -u; /usr/bin/time -v "$caloman" -q train data/train.h5 --out run --profile full --seed 0 \
-        --latent-dim-from dim/dimension.json "${resume[@]}"; date -u; } >> train.log 2>&1
+    if [ -d run ]; then  # a resumed run keeps its stored settings
+        settings=(--resume)
+    else
+        settings=(--profile full --seed 0 --latent-dim-from dim/dimension.json)
+        [ -f "$root/configs/$binning-full.toml" ] && settings+=(--config "$root/configs/$binning-full.toml")
+    fi
+    { date -u; /usr/bin/time -v "$caloman" -q train data/train.h5 --out run "${settings[@]}"; date -u; } \
+        >> train.log 2>&1
 fi
 [ -f benchmark/benchmark.md ] || "$caloman" -q benchmark --run run --data data/train.h5 \
     --reference data/test.h5 --profile full --classifier strong --out benchmark
