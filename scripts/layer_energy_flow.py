@@ -12,7 +12,11 @@ more layers, whose energy it cannot place above threshold in any voxel). The flo
 the separation of the two halves of the held-out file.
 
     python scripts/layer_energy_flow.py RUN --data TRAIN.h5 --reference TEST.h5 \
-        [--variant NAME:transforms,hidden,bins,epochs ...] [--seed 0]
+        [--variant NAME:transforms,hidden,bins,epochs[,reversed] ...] [--seed 0]
+
+A variant ending in ``,reversed`` encodes the layers in reverse order (the chain of
+fractions starts at the deepest layer, so the first layer takes what is left): a test
+of whether the chain's order makes the deepest layers' error.
 
 The retrained flows use the run's preprocessing (its layer-energy encoding) and a plain
 AdamW loop with a cosine learning rate over all epochs and batches of 512, keeping the
@@ -40,10 +44,20 @@ from caloman.runs import load_run
 DEFAULT_VARIANTS = ("longer:4,64x64,16,160", "wider:4,128x128,16,80", "deeper:8,64x64,16,80")
 
 
-def parse_variant(text: str) -> tuple[str, int, tuple[int, ...], int, int]:
+def parse_variant(text: str) -> tuple[str, int, tuple[int, ...], int, int, bool]:
     name, spec = text.split(":")
-    transforms, hidden, bins, epochs = spec.split(",")
-    return name, int(transforms), tuple(int(h) for h in hidden.split("x")), int(bins), int(epochs)
+    transforms, hidden, bins, epochs, *order = spec.split(",")
+    return (name, int(transforms), tuple(int(h) for h in hidden.split("x")), int(bins), int(epochs),
+            order == ["reversed"])
+
+
+def reverse_encoding(model, features: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+    """Encoded layer energies (n, L) re-encoded with the layers in reverse order (the same
+    energies, dequantised empty layers included; the incident energy from the condition)."""
+    pipeline = model._pipeline()
+    incident = pipeline.incident.inverse(condition[:, 0].double())
+    energies = pipeline.energies.inverse(incident, features.double())
+    return pipeline.energies.forward(incident, energies.flip(-1)).float()
 
 
 def stage_tensors(model, path: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,14 +81,16 @@ def held_out_layer_energies(model, path: str) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(energies), np.concatenate(layers)
 
 
-def sampled_layer_energies(model, flow: LayerEnergyModel, incident: np.ndarray, seed: int) -> np.ndarray:
+def sampled_layer_energies(model, flow: LayerEnergyModel, incident: np.ndarray, seed: int,
+                           reversed_order: bool = False) -> np.ndarray:
     pipeline = model._pipeline()
     e = torch.as_tensor(incident, dtype=torch.float64)
     scaled = pipeline.incident.forward(e).reshape(-1, 1).float()
     noise = torch.randn(len(e), flow.n_layers, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         encoded = flow.from_noise(noise, scaled)
-    return np.asarray(pipeline.energies.inverse(e, encoded.double()))
+    energies = pipeline.energies.inverse(e, encoded.double())
+    return np.asarray(energies.flip(-1) if reversed_order else energies)
 
 
 def separations(model, reference: np.ndarray, generated: np.ndarray) -> np.ndarray:
@@ -142,10 +158,11 @@ def main() -> None:
     report("run", model, reference, generated, generated < 0.5 * model.threshold)
     features, condition = stage_tensors(model, args.data)
     for text in args.variant or DEFAULT_VARIANTS:
-        name, transforms, hidden, bins, epochs = parse_variant(text)
+        name, transforms, hidden, bins, epochs, reversed_order = parse_variant(text)
         t0 = time.perf_counter()
-        flow, loss, epoch = retrain(features, condition, model.n_layers, transforms, hidden, bins, epochs, args.seed)
-        generated = sampled_layer_energies(model, flow, incident, args.seed)
+        inputs = reverse_encoding(model, features, condition) if reversed_order else features
+        flow, loss, epoch = retrain(inputs, condition, model.n_layers, transforms, hidden, bins, epochs, args.seed)
+        generated = sampled_layer_energies(model, flow, incident, args.seed, reversed_order)
         report(name, model, reference, generated, generated < 0.5 * model.threshold,
                f"; val loss {loss:.3f} at epoch {epoch}/{epochs}, {time.perf_counter() - t0:.0f} s")
 
