@@ -19,7 +19,8 @@ fractions starts at the deepest layer, so the first layer takes what is left): a
 of whether the chain's order makes the deepest layers' error.
 
 The retrained flows use the run's preprocessing (its layer-energy encoding) and a plain
-AdamW loop with a cosine learning rate over all epochs and batches of 512, keeping the
+AdamW loop with the training module's cosine learning rate (no warm-up) and gradient
+clipping, batches of 512, keeping the
 epoch with the best loss on a seeded fifth of the training file; so a variant differs
 from the run's stage in its split and schedule details as well as in the named settings.
 Prints one line per flow: the largest separation over all layers and over the deepest
@@ -40,6 +41,7 @@ from caloman.io import ShowerFile
 from caloman.metrics.separation import CHALLENGE_BINNINGS, binning_family, histogram_pair
 from caloman.models.layer_energy import LayerEnergyModel
 from caloman.runs import load_run
+from caloman.training import TrainingConfig, learning_rate_at
 
 DEFAULT_VARIANTS = ("longer:4,64x64,16,160", "wider:4,128x128,16,80", "deeper:8,64x64,16,80")
 
@@ -105,21 +107,24 @@ def separations(model, reference: np.ndarray, generated: np.ndarray) -> np.ndarr
 def retrain(features: torch.Tensor, condition: torch.Tensor, n_layers: int, transforms: int,
             hidden: tuple[int, ...], bins: int, epochs: int, seed: int) -> tuple[LayerEnergyModel, float, int]:
     torch.manual_seed(seed)
+    # the product's cosine schedule (no warm-up), learning rate, batch size and gradient clipping
+    config = TrainingConfig(epochs=epochs, batch_size=512, learning_rate=1e-3, lr_schedule="cosine",
+                            warmup_epochs=0, seed=seed)
     order = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed))
     n_val = len(features) // 5
     val, train = order[:n_val], order[n_val:]
     flow = LayerEnergyModel(n_layers, condition.shape[1], transforms, hidden, bins)
-    optimizer = torch.optim.AdamW(flow.parameters(), lr=1e-3, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(flow.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     best, best_loss, best_epoch = None, math.inf, 0
     for epoch in range(epochs):
         for group in optimizer.param_groups:
-            group["lr"] = 1e-3 * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+            group["lr"] = learning_rate_at(config, "layer_energy", epoch, [])
         flow.train()
-        for batch in train[torch.randperm(len(train))].split(512):
+        for batch in train[torch.randperm(len(train))].split(config.batch_size):
             loss = flow.loss(features[batch], condition[batch])
             optimizer.zero_grad()
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(flow.parameters(), 5.0)
+            torch.nn.utils.clip_grad_norm_(flow.parameters(), config.grad_clip_norm)
             optimizer.step()
         flow.eval()
         with torch.no_grad():
@@ -156,6 +161,7 @@ def main() -> None:
            " (two held-out halves)")
     generated = sampled_layer_energies(model, model.layer_energy, incident, args.seed)
     report("run", model, reference, generated, generated < 0.5 * model.threshold)
+    torch.manual_seed(args.seed)  # the dequantised empty layers of the training tensors
     features, condition = stage_tensors(model, args.data)
     for text in args.variant or DEFAULT_VARIANTS:
         name, transforms, hidden, bins, epochs, reversed_order = parse_variant(text)
