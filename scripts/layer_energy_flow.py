@@ -12,11 +12,12 @@ more layers, whose energy it cannot place above threshold in any voxel). The flo
 the separation of the two halves of the held-out file.
 
     python scripts/layer_energy_flow.py RUN --data TRAIN.h5 --reference TEST.h5 \
-        [--variant NAME:transforms,hidden,bins,epochs[,reversed] ...] [--seed 0]
+        [--variant NAME:transforms,hidden,bins,epochs[,back|front] ...] [--seed 0]
 
-A variant ending in ``,reversed`` encodes the layers in reverse order (the chain of
-fractions starts at the deepest layer, so the first layer takes what is left): a test
-of whether the chain's order makes the deepest layers' error.
+A variant may end in ``,back`` or ``,front``: the layer-energy encoding's chain order
+(``CaloManConfig.layer_energy_order``; "back" starts at the deepest layer, so the first
+layer takes what is left); without it, the run's own. ``,reversed`` is kept as a name for
+``,back``: a test of whether the chain's order makes the deepest layers' error.
 
 The retrained flows use the run's preprocessing (its layer-energy encoding) and a plain
 AdamW loop with the training module's cosine learning rate (no warm-up) and gradient
@@ -40,26 +41,36 @@ import torch
 from caloman.io import ShowerFile
 from caloman.metrics.separation import CHALLENGE_BINNINGS, binning_family, histogram_pair
 from caloman.models.layer_energy import LayerEnergyModel
+from caloman.preprocessing import LAYER_ENERGY_ORDERS, LayerEnergyEncoding
 from caloman.runs import load_run
 from caloman.training import TrainingConfig, learning_rate_at
 
 DEFAULT_VARIANTS = ("longer:4,64x64,16,160", "wider:4,128x128,16,80", "deeper:8,64x64,16,80")
 
 
-def parse_variant(text: str) -> tuple[str, int, tuple[int, ...], int, int, bool]:
+def parse_variant(text: str) -> tuple[str, int, tuple[int, ...], int, int, str | None]:
+    """NAME:transforms,HxH,bins,epochs[,order] -> its parts; order None: the run's."""
     name, spec = text.split(":")
     transforms, hidden, bins, epochs, *order = spec.split(",")
-    return (name, int(transforms), tuple(int(h) for h in hidden.split("x")), int(bins), int(epochs),
-            order == ["reversed"])
+    chain = {"reversed": "back"}.get(order[0], order[0]) if order else None
+    if chain is not None and chain not in LAYER_ENERGY_ORDERS:
+        raise SystemExit(f"variant {text!r}: order {order[0]!r} is not one of {', '.join(LAYER_ENERGY_ORDERS)}")
+    return name, int(transforms), tuple(int(h) for h in hidden.split("x")), int(bins), int(epochs), chain
 
 
-def reverse_encoding(model, features: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-    """Encoded layer energies (n, L) re-encoded with the layers in reverse order (the same
-    energies, dequantised empty layers included; the incident energy from the condition)."""
+def encoding_for(model, order: str | None) -> LayerEnergyEncoding:
+    """The run's layer-energy encoding, with the chain in ``order`` (None: the run's)."""
+    energies = model._pipeline().energies
+    return LayerEnergyEncoding(energies.u0_scale, order=order or energies.order)
+
+
+def reencode(model, features: torch.Tensor, condition: torch.Tensor, encoding: LayerEnergyEncoding) -> torch.Tensor:
+    """The run's encoded layer energies (n, L) re-encoded by ``encoding`` (the same energies,
+    dequantised empty layers included; the incident energy from the condition)."""
     pipeline = model._pipeline()
     incident = pipeline.incident.inverse(condition[:, 0].double())
     energies = pipeline.energies.inverse(incident, features.double())
-    return pipeline.energies.forward(incident, energies.flip(-1)).float()
+    return encoding.forward(incident, energies).float()
 
 
 def stage_tensors(model, path: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,15 +95,15 @@ def held_out_layer_energies(model, path: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def sampled_layer_energies(model, flow: LayerEnergyModel, incident: np.ndarray, seed: int,
-                           reversed_order: bool = False) -> np.ndarray:
+                           encoding: LayerEnergyEncoding | None = None) -> np.ndarray:
     pipeline = model._pipeline()
+    encoding = encoding or pipeline.energies
     e = torch.as_tensor(incident, dtype=torch.float64)
     scaled = pipeline.incident.forward(e).reshape(-1, 1).float()
     noise = torch.randn(len(e), flow.n_layers, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         encoded = flow.from_noise(noise, scaled)
-    energies = pipeline.energies.inverse(e, encoded.double())
-    return np.asarray(energies.flip(-1) if reversed_order else energies)
+    return np.asarray(encoding.inverse(e, encoded.double()))
 
 
 def separations(model, reference: np.ndarray, generated: np.ndarray) -> np.ndarray:
@@ -164,11 +175,12 @@ def main() -> None:
     torch.manual_seed(args.seed)  # the dequantised empty layers of the training tensors
     features, condition = stage_tensors(model, args.data)
     for text in args.variant or DEFAULT_VARIANTS:
-        name, transforms, hidden, bins, epochs, reversed_order = parse_variant(text)
+        name, transforms, hidden, bins, epochs, order = parse_variant(text)
         t0 = time.perf_counter()
-        inputs = reverse_encoding(model, features, condition) if reversed_order else features
+        encoding = encoding_for(model, order)
+        inputs = reencode(model, features, condition, encoding)
         flow, loss, epoch = retrain(inputs, condition, model.n_layers, transforms, hidden, bins, epochs, args.seed)
-        generated = sampled_layer_energies(model, flow, incident, args.seed, reversed_order)
+        generated = sampled_layer_energies(model, flow, incident, args.seed, encoding)
         report(name, model, reference, generated, generated < 0.5 * model.threshold,
                f"; val loss {loss:.3f} at epoch {epoch}/{epochs}, {time.perf_counter() - t0:.0f} s")
 

@@ -8,6 +8,7 @@ import pytest
 
 from caloman.config import ConfigFile, DataConfig, load_config, parse_config, training_config_from_dict
 from caloman.errors import ConfigError
+from caloman.models import model_config_from_dict
 from caloman.training import TrainingConfig
 
 FULL = """
@@ -113,3 +114,16 @@ def test_the_shipped_dataset_3_configuration_is_a_valid_streamed_full_profile():
     training = load_config(path).training_config("full")
     assert training.stream_chunk_showers >= training.batch_size and training.stream_cache
     assert training.epochs_for("autoencoder") < training.epochs and training.patience_for("autoencoder") > 0
+
+
+@pytest.mark.parametrize("name", ["ds2-full.toml"])
+def test_the_shipped_large_dataset_configurations_chain_layer_energies_from_the_back(name):
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / name)
+    model = model_config_from_dict("caloman", config.model, profile="full")
+    assert model.layer_energy_order == "back" and model.preprocessing == "per-layer"
+    assert model_config_from_dict("caloman", {}, profile="full").layer_energy_order == "front"  # dataset 1's
+    with pytest.raises(ConfigError, match="layer_energy_order"):
+        model_config_from_dict("caloman", {"layer_energy_order": "middle"})
+    with pytest.raises(ConfigError, match="layer_energy_order orders the per-layer"):
+        model_config_from_dict("caloman", {"preprocessing": "paper", "reconstruction_loss": "mse",
+                                           "layer_energy_order": "back"})

@@ -39,7 +39,8 @@ CALOMAN = {"latent_dim": 2, "hidden": [16], "flow_hidden": [16], "flow_transform
            "layer_flow_transforms": 2, "flow_bins": 4, "layer_flow_bins": 4}
 TINY = {
     "caloman": CALOMAN,
-    "caloman-smooth": {**CALOMAN, "voxel_noise": "none"},
+    # with the layer energies chained from the deepest layer (the graph flips them back)
+    "caloman-smooth": {**CALOMAN, "voxel_noise": "none", "layer_energy_order": "back"},
     # the M-flow autoencoder: its decoder is a coupling flow's fused inverse, which traces too
     "caloman-mflow": {**CALOMAN, "voxel_noise": "none", "autoencoder": "mflow", "mflow_hidden": [16],
                       "mflow_transforms": 2, "mflow_bins": 4},
@@ -148,6 +149,12 @@ def test_onnx_matches_pytorch_voxel_by_voxel(runs, exports, name, n):
         agreement, *_ = _compare(runs, exports, name, n, seed)
         assert agreement.voxels_off == 0, agreement
         assert agreement.max_relative_error < 1e-4 and agreement.max_energy_relative_error < 1e-4
+
+
+def test_back_layer_order_survives_the_run_file(runs):
+    model = load_run(runs["caloman-smooth"]).model
+    assert model.config.layer_energy_order == "back" and model._pipeline().energies.order == "back"
+    assert load_run(runs["caloman"]).model._pipeline().energies.order == "front"
 
 
 @pytest.mark.parametrize("n", [1, 64])

@@ -162,18 +162,39 @@ def test_layer_energy_encoding_torch_matches_numpy():
     assert np.allclose(back.numpy(), encoding.inverse(incident, features), rtol=1e-12)
 
 
+def test_layer_energy_encoding_back_order_hand_computed():
+    encoding = LayerEnergyEncoding(order="back")
+    energies = np.array([[1.0, 1.0, 2.0], [3.0, 0.0, 0.0]])
+    u = inverse_logit(encoding.forward(np.array([8.0, 10.0]), energies))
+    # Chain from the deepest layer: u0 = 4 / 8, u1 = 2 / 4 (deepest), u2 = 1 / 2; the first layer takes the rest.
+    # Second row: nothing deep, so u1 = u2 = 0 and layer 0 keeps all 3.
+    assert np.allclose(u, [[0.5, 0.5, 0.5], [0.3, 0.0, 0.0]], atol=1e-6)
+    back = encoding.inverse(np.array([8.0, 10.0]), encoding.forward(np.array([8.0, 10.0]), energies))
+    assert np.allclose(back, energies, rtol=1e-9, atol=1e-9)
+    torch_back = encoding.inverse(torch.tensor([8.0, 10.0]), torch.tensor(encoding.forward(np.array([8.0, 10.0]),
+                                                                                          energies)))
+    assert np.allclose(torch_back.numpy(), back, rtol=1e-12)
+    # Whatever the features, the first layer is the one that takes what the chain leaves.
+    features = np.random.default_rng(4).uniform(-20, 20, (200, 3))
+    out = encoding.inverse(np.full(200, 8.0), features)
+    left = inverse_logit(features[:, 0]) * 8.0 - out[:, 1:].sum(1)
+    assert np.all(out >= 0) and np.allclose(out[:, 0], left, atol=1e-12)
+    with pytest.raises(ConfigError, match="front"):
+        LayerEnergyEncoding(order="middle")
+
+
 # -- pipelines ------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["paper", "per-layer"])
-def test_pipeline_round_trip(name):
+@pytest.mark.parametrize("name,order", [("paper", "front"), ("per-layer", "front"), ("per-layer", "back")])
+def test_pipeline_round_trip(name, order):
     binning = load_binning("ds1-photons")
     incident, voxels = showers(64)
-    pipeline = make_preprocessing(name, binning).fit(incident, voxels)
+    pipeline = make_preprocessing(name, binning, layer_order=order).fit(incident, voxels)
     x = pipeline.forward(incident, voxels)
     n_layers = len(binning.relevant_layers)
     assert x.shape == (64, 369 if name == "paper" else 368 + n_layers)
     assert np.allclose(pipeline.inverse(incident, x), voxels, rtol=1e-8, atol=1e-10)
     # Same through torch, with the constants as tensors (a model's buffers).
-    restored = make_preprocessing(name, binning).load_state(
+    restored = make_preprocessing(name, binning, layer_order=order).load_state(
         {k: torch.tensor(v) for k, v in pipeline.state().items()})
     xt = restored.forward(torch.tensor(incident), torch.tensor(voxels))
     assert np.allclose(xt.numpy(), x, rtol=1e-12, atol=1e-14)
@@ -200,6 +221,8 @@ def test_per_layer_pipeline_inverse_is_non_negative_for_any_features():
 def test_unknown_preprocessing():
     with pytest.raises(ConfigError, match="per-layer"):
         make_preprocessing("logit", tiny_binning())
+    with pytest.raises(ConfigError, match="per-layer"):
+        make_preprocessing("paper", tiny_binning(), layer_order="back")
 
 
 def test_apply_threshold():

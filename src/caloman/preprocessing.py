@@ -39,6 +39,10 @@ from caloman.geometry import Binning
 #: Names accepted by :func:`make_preprocessing`.
 PREPROCESSINGS = ("paper", "per-layer")
 
+#: Orders of :class:`LayerEnergyEncoding`'s chain of fractions: from the first layer (CaloFlow's)
+#: or from the deepest.
+LAYER_ENERGY_ORDERS = ("front", "back")
+
 #: CaloFlow's logit regulariser (Krause & Shih 2021, Eq. 4.3): u in [0, 1] maps to [-13.8, 13.8].
 LOGIT_ALPHA = 1e-6
 
@@ -278,12 +282,25 @@ class LayerEnergyEncoding:
     E_dep = u_0 s E_inc layer by layer, E_{i-1} = u_i x (what is left), the
     last layer taking the rest, so the layers sum to E_dep <= s E_inc and none
     is negative, whatever the features.
+
+    ``order = "back"`` runs the same chain over the layers in reverse: u_1 is the
+    deepest layer's share of E_dep and the first layer takes what is left. The
+    layer that takes the rest inherits the errors of every fraction before it;
+    "back" puts that at the first layer, which is rarely empty, instead of the
+    deepest ones, which often are.
     """
 
-    def __init__(self, u0_scale: Any = 1.0, alpha: float = LOGIT_ALPHA) -> None:
+    def __init__(self, u0_scale: Any = 1.0, alpha: float = LOGIT_ALPHA, order: str = "front") -> None:
+        if order not in LAYER_ENERGY_ORDERS:
+            raise ConfigError(f"layer-energy order {order!r} is not one of {', '.join(map(repr, LAYER_ENERGY_ORDERS))}")
         self.u0_scale = _scalar(u0_scale)
         self.alpha = alpha
+        self.order = order
         self._largest = 1.0  # largest E_dep / E_inc seen by partial_fit, at least 1
+
+    def _ordered(self, per_layer: Array) -> Array:
+        """Per-layer values in chain order (an involution: also back to layer order)."""
+        return _ops(per_layer).flip(per_layer) if self.order == "back" else per_layer
 
     def fit(self, incident_energies: np.ndarray, layer_energies: np.ndarray) -> LayerEnergyEncoding:
         self._largest = 1.0
@@ -321,19 +338,23 @@ class LayerEnergyEncoding:
         return deposited * left * share
 
     def forward(self, incident_energies: Array, layer_energies: Array) -> Array:
-        """E_inc (n,), layer energies (n, L) in MeV -> features (n, L) in [-13.8, 13.8]."""
-        return logit(self.to_fractions(incident_energies, layer_energies), self.alpha)
+        """E_inc (n,), layer energies (n, L) in MeV -> features (n, L) in [-13.8, 13.8],
+        in chain order."""
+        fractions = self.to_fractions(incident_energies, self._ordered(_as_float64(layer_energies)))
+        return logit(fractions, self.alpha)
 
     def inverse(self, incident_energies: Array, features: Array) -> Array:
-        """Features (n, L) -> layer energies (n, L) in MeV (non-negative, energy conserving)."""
-        return self.from_fractions(incident_energies, inverse_logit(features, self.alpha))
+        """Features (n, L) -> layer energies (n, L) in MeV in layer order (non-negative,
+        energy conserving)."""
+        return self._ordered(self.from_fractions(incident_energies, inverse_logit(features, self.alpha)))
 
     def state(self) -> dict[str, np.ndarray]:
         return {"u0_scale": np.float64(self.u0_scale)}
 
     @classmethod
-    def from_state(cls, state: dict[str, Any]) -> LayerEnergyEncoding:
-        return cls(state["u0_scale"])
+    def from_state(cls, state: dict[str, Any], order: str = "front") -> LayerEnergyEncoding:
+        """The fitted constant from ``state``; the order is configuration, not fitted."""
+        return cls(state["u0_scale"], order=order)
 
 
 # -- pipelines ------------------------------------------------------------------------------
@@ -381,15 +402,17 @@ class PaperPreprocessing:
 
 class PerLayerPreprocessing:
     """Layer shapes plus encoded layer energies: features (N, V + L) =
-    [LayerNormalisation shapes (N, V), LayerEnergyEncoding features (N, L)]."""
+    [LayerNormalisation shapes (N, V), LayerEnergyEncoding features (N, L)], the
+    energies' chain in ``layer_order`` ("front" or "back")."""
 
     name = "per-layer"
 
-    def __init__(self, binning: Binning) -> None:
+    def __init__(self, binning: Binning, layer_order: str = "front") -> None:
         self.n_voxels = binning.n_voxels
+        self.layer_order = layer_order
         self.incident = IncidentEnergyScaling()
         self.layers = LayerNormalisation(binning)
-        self.energies = LayerEnergyEncoding()
+        self.energies = LayerEnergyEncoding(order=layer_order)
 
     @property
     def n_layers(self) -> int:
@@ -400,7 +423,7 @@ class PerLayerPreprocessing:
         return self.n_voxels + self.n_layers
 
     def fit(self, incident_energies: np.ndarray, showers: np.ndarray) -> PerLayerPreprocessing:
-        self.incident, self.energies = IncidentEnergyScaling(), LayerEnergyEncoding()
+        self.incident, self.energies = IncidentEnergyScaling(), LayerEnergyEncoding(order=self.layer_order)
         return self.partial_fit(incident_energies, showers)
 
     def partial_fit(self, incident_energies: np.ndarray, showers: np.ndarray) -> PerLayerPreprocessing:
@@ -433,19 +456,23 @@ class PerLayerPreprocessing:
 
     def load_state(self, state: dict[str, Any]) -> PerLayerPreprocessing:
         self.incident = IncidentEnergyScaling.from_state(_unprefixed("incident", state))
-        self.energies = LayerEnergyEncoding.from_state(_unprefixed("energy", state))
+        self.energies = LayerEnergyEncoding.from_state(_unprefixed("energy", state), self.layer_order)
         return self
 
 
 Preprocessing = PaperPreprocessing | PerLayerPreprocessing
 
 
-def make_preprocessing(name: str, binning: Binning) -> Preprocessing:
-    """The preprocessing pipeline ``"paper"`` or ``"per-layer"`` for a binning (unfitted)."""
+def make_preprocessing(name: str, binning: Binning, *, layer_order: str = "front") -> Preprocessing:
+    """The preprocessing pipeline ``"paper"`` or ``"per-layer"`` for a binning (unfitted);
+    ``layer_order`` is the per-layer pipeline's layer-energy chain order."""
     if name == "paper":
+        if layer_order != "front":
+            raise ConfigError(f"layer-energy order {layer_order!r} needs preprocessing = 'per-layer' (the paper's "
+                              "pipeline has no layer energies)")
         return PaperPreprocessing(binning)
     if name == "per-layer":
-        return PerLayerPreprocessing(binning)
+        return PerLayerPreprocessing(binning, layer_order)
     raise ConfigError(f"unknown preprocessing {name!r}; choose one of {', '.join(PREPROCESSINGS)}")
 
 
@@ -466,7 +493,7 @@ def _unprefixed(prefix: str, state: dict[str, Any]) -> dict[str, Any]:
 
 
 __all__ = [
-    "PREPROCESSINGS", "LOGIT_ALPHA", "LAYER_EPS_MEV", "IncidentEnergyScaling", "PaperScaling", "LayerNormalisation",
-    "LayerEnergyEncoding", "PaperPreprocessing", "PerLayerPreprocessing", "make_preprocessing", "apply_threshold",
-    "logit", "inverse_logit",
+    "PREPROCESSINGS", "LAYER_ENERGY_ORDERS", "LOGIT_ALPHA", "LAYER_EPS_MEV", "IncidentEnergyScaling", "PaperScaling",
+    "LayerNormalisation", "LayerEnergyEncoding", "PaperPreprocessing", "PerLayerPreprocessing", "make_preprocessing",
+    "apply_threshold", "logit", "inverse_logit",
 ]

@@ -45,6 +45,7 @@ from caloman.models.mflow import MFLOW_KINDS, SCHEDULES, MFlowAutoencoder, gram_
 from caloman.models.readout import LayerLayout, threshold_keeping_layer_energies
 from caloman.models.voxel_noise import QUANTA_BIN_EDGES, poisson_fluctuations, quanta_bins, take
 from caloman.preprocessing import (
+    LAYER_ENERGY_ORDERS,
     PREPROCESSINGS,
     PaperPreprocessing,
     PerLayerPreprocessing,
@@ -188,6 +189,12 @@ class CaloManConfig(ModelConfig):
             codes only hold what those do not fix (the paper conditions only
             the flow, fearing codes that do not generalise to unseen
             energies; measured here, conditioning gives better widths).
+        layer_energy_order: the chain of fractions that encodes the layer energies
+            (:class:`~caloman.preprocessing.LayerEnergyEncoding`; per-layer preprocessing
+            only): ``"front"`` (CaloFlow's: the first layer's share first, the deepest
+            layer takes the rest) or ``"back"`` (the deepest layer's share first, the
+            first layer takes the rest). It orders the layer-energy flow's variables and
+            the decoder's condition.
     Flows (coupling RQS flows, see :class:`ConditionalFlow`):
         flow_transforms, flow_hidden, flow_bins, flow_hypernet: the latent flow.
         layer_flow_transforms, layer_flow_hidden, layer_flow_bins: the layer-energy flow.
@@ -251,6 +258,7 @@ class CaloManConfig(ModelConfig):
     kl_weight: float = 1e-3
     mmd_weight: float = 1.0
     conditional_autoencoder: bool = True
+    layer_energy_order: str = "front"
     flow_transforms: int = 4
     flow_hidden: tuple[int, ...] = (128, 128)
     flow_bins: int = 8
@@ -287,7 +295,8 @@ class CaloManConfig(ModelConfig):
         choices = {"preprocessing": PREPROCESSINGS, "autoencoder": CALOMAN_AUTOENCODERS,
                    "reconstruction_loss": RECONSTRUCTION_LOSSES, "encoder_input": ENCODER_INPUTS,
                    "flow_hypernet": HYPERNETS, "voxel_noise": VOXEL_NOISES, "mflow_schedule": SCHEDULES,
-                   "layer_readout": LAYER_READOUTS, "latent_density": LATENT_DENSITIES}
+                   "layer_readout": LAYER_READOUTS, "latent_density": LATENT_DENSITIES,
+                   "layer_energy_order": LAYER_ENERGY_ORDERS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"model option {name} = {getattr(self, name)!r} is not one of "
@@ -295,6 +304,9 @@ class CaloManConfig(ModelConfig):
         if self.reconstruction_loss == "cross-entropy" and self.preprocessing != "per-layer":
             raise ConfigError("reconstruction_loss = 'cross-entropy' compares per-layer shapes: use it with "
                               "preprocessing = 'per-layer', or set reconstruction_loss = 'mse'")
+        if self.layer_energy_order != "front" and self.preprocessing != "per-layer":
+            raise ConfigError("layer_energy_order orders the per-layer preprocessing's layer energies: use it "
+                              "with preprocessing = 'per-layer'")
         positive = {"latent_dim": self.latent_dim, "flow_transforms": self.flow_transforms,
                     "layer_flow_transforms": self.layer_flow_transforms}
         for name, value in positive.items():
@@ -394,7 +406,7 @@ class CaloManModel(ShowerModel):
     def __init__(self, config: CaloManConfig, binning: Binning) -> None:
         super().__init__(config, binning)
         self.per_layer = config.preprocessing == "per-layer"
-        pipeline = make_preprocessing(config.preprocessing, binning)
+        pipeline = make_preprocessing(config.preprocessing, binning, layer_order=config.layer_energy_order)
         self._pipeline_template = pipeline
         # Fitted preprocessing constants live in buffers, named after the pipeline's state keys.
         self._state_keys = tuple(pipeline.state())
@@ -458,7 +470,8 @@ class CaloManModel(ShowerModel):
 
     def fit_preprocessing_chunks(self, chunks: ArrayChunks) -> None:
         """The preprocessing's constants (extremes: exact chunk by chunk) and the energy range."""
-        pipeline = make_preprocessing(self.config.preprocessing, self.binning)
+        pipeline = make_preprocessing(self.config.preprocessing, self.binning,
+                                      layer_order=self.config.layer_energy_order)
         low, high = np.inf, -np.inf
         for incident_energies, showers in chunks():
             incident = np.asarray(incident_energies, dtype=np.float64).reshape(-1)
