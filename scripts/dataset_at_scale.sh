@@ -7,8 +7,8 @@
 # (default 20,000) log-uniform 1 GeV - 1 TeV showers with different seeds, estimates the
 # intrinsic dimension on 10,000 of them (DIM_SHOWERS), trains the full profile with that latent
 # dimension (and configs/<binning>-full.toml where one exists: dataset 2's layer-energy order,
-# dataset 3's streamed, capped budget) under /usr/bin/time -v (wall time and peak RSS in WORKDIR/train.log), then runs
-# `caloman benchmark --run` on the held-out file: generation speed (batch 1, 100, 10,000),
+# dataset 3's streamed, capped budget) under /usr/bin/time -v (wall time and peak RSS in
+# WORKDIR/train.log), then runs `caloman benchmark --run` on the held-out file: generation speed (batch 1, 100, 10,000),
 # the strong classifier test per incident-energy bin, separation powers and FPD in
 # WORKDIR/benchmark/benchmark.md. Each step is skipped when its output exists, so an
 # interrupted call picks up where it stopped (training with --resume).
