@@ -128,18 +128,19 @@ class StreamedStageData(StageData):
             yield self.build(block), torch.as_tensor(rng.permutation(len(block)), device=self.device)
 
     def val_chunks(self) -> Iterator[tuple[Tensor, ...]]:
-        positions, size = self.data.val_idx, self.chunk_showers
+        return self._seeded_chunks(self.data.val_idx)
+
+    def _seeded_chunks(self, positions: np.ndarray, *suffix: int) -> Iterator[tuple[Tensor, ...]]:
+        """``positions`` built ``chunk_showers`` at a time, in order, chunk j with torch's
+        generator seeded by (val_seed, j, *suffix) (and restored afterwards)."""
+        size = self.chunk_showers
+        devices = [self.device] if self.device.type == "cuda" else []
         for j, start in enumerate(range(0, len(positions), size)):
-            tensors = self._seeded_build(positions[start:start + size], [*self.val_seed, j])
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(int(np.random.SeedSequence([*self.val_seed, j, *suffix]).generate_state(1)[0]))
+                tensors = self.build(positions[start:start + size])
             yield tensors
             del tensors
-
-    def _seeded_build(self, positions: np.ndarray, key: list[int]) -> tuple[Tensor, ...]:
-        """:meth:`build` with torch's generator seeded by ``key`` (and restored afterwards)."""
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
-            return self.build(positions)
 
 
 class StreamedHeldStageData(HeldStageData, StreamedStageData):
@@ -152,12 +153,8 @@ class StreamedHeldStageData(HeldStageData, StreamedStageData):
                  distributed: Distributed | None, *, chunk_showers: int, fit: bool, val_seed: list[int]) -> None:
         super().__init__(model, stage, data, device, distributed, chunk_showers=chunk_showers, fit=fit,
                          val_seed=val_seed)
-        positions, size = data.train_idx, chunk_showers
-        parts = [self._seeded_build(positions[start:start + size], [*val_seed, i, 1])
-                 for i, start in enumerate(range(0, len(positions), size))]
-        self.train = tuple(torch.cat(column) for column in zip(*parts))
-        del parts
-        self.val = tuple(torch.cat(column) for column in zip(*StreamedStageData.val_chunks(self)))
+        self.train = tuple(torch.cat(column) for column in zip(*self._seeded_chunks(data.train_idx, 1)))
+        self.val = tuple(torch.cat(column) for column in zip(*self._seeded_chunks(data.val_idx)))
 
 
 def check_stage_data(stage: Stage, data: tuple[Tensor, ...], n: int) -> None:
