@@ -39,8 +39,9 @@ CALOMAN = {"latent_dim": 2, "hidden": [16], "flow_hidden": [16], "flow_transform
            "layer_flow_transforms": 2, "flow_bins": 4, "layer_flow_bins": 4}
 TINY = {
     "caloman": CALOMAN,
-    # with the layer energies chained from the deepest layer (the graph flips them back)
-    "caloman-smooth": {**CALOMAN, "voxel_noise": "none", "layer_energy_order": "back"},
+    # with the layer energies chained from the deepest layer (the graph flips them back) and
+    # CaloFlow's chain in the condition (the graph re-encodes the flow's sample for it)
+    "caloman-smooth": {**CALOMAN, "voxel_noise": "none", "layer_energy_order": "back", "condition_order": "front"},
     # the M-flow autoencoder: its decoder is a coupling flow's fused inverse, which traces too
     "caloman-mflow": {**CALOMAN, "voxel_noise": "none", "autoencoder": "mflow", "mflow_hidden": [16],
                       "mflow_transforms": 2, "mflow_bins": 4},
@@ -154,6 +155,7 @@ def test_onnx_matches_pytorch_voxel_by_voxel(runs, exports, name, n):
 def test_back_layer_order_survives_the_run_file(runs):
     model = load_run(runs["caloman-smooth"]).model
     assert model.config.layer_energy_order == "back" and model._pipeline().energies.order == "back"
+    assert model.config.condition_order == "front" and model.reencodes_condition
     assert load_run(runs["caloman"]).model._pipeline().energies.order == "front"
 
 

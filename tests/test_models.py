@@ -206,6 +206,7 @@ def test_autoencoder_rejects_cross_entropy_without_layer_softmax():
     {},
     {"preprocessing": "paper", "reconstruction_loss": "mse", "autoencoder": "wae"},
     {"autoencoder": "ae", "conditional_autoencoder": False, "voxel_noise": "none", "flow_hypernet": "residual-glu"},
+    {"layer_energy_order": "back", "condition_order": "front"},
 ])
 def test_untrained_model_samples_physical_showers(overrides):
     binning = tiny_binning()
@@ -232,6 +233,33 @@ def test_per_layer_samples_conserve_energy():
     with torch.inference_mode():
         out = model.sample(torch.as_tensor(incident, dtype=torch.float32)).double()
     assert torch.all(out.sum(1) <= scale * torch.as_tensor(incident) * (1 + 1e-5))
+
+
+def test_condition_order_front_keeps_caloflows_condition_under_a_back_flow():
+    """layer_energy_order = "back" with condition_order = "front": the layer-energy flow's
+    variables are the back chain, the condition holds the front one, in the training
+    features and, re-encoded from the flow's sample, in generation."""
+    binning = tiny_binning()
+    incident, voxels = toy_showers(64)
+    models = {}
+    for name, overrides in {"front": {}, "back": {"layer_energy_order": "back"},
+                            "mixed": {"layer_energy_order": "back", "condition_order": "front"},
+                            "same": {"layer_energy_order": "back", "condition_order": "back"}}.items():
+        models[name] = build_model("caloman", binning, overrides={**TINY, **overrides})
+        models[name].fit_preprocessing(incident, voxels)
+    e, x = torch.as_tensor(incident), torch.as_tensor(voxels)
+    features = {name: model._features(e, x) for name, model in models.items()}
+    assert not torch.allclose(features["back"].condition, features["front"].condition)
+    assert torch.equal(features["mixed"].condition, features["front"].condition)
+    assert torch.equal(features["mixed"].layer_features, features["back"].layer_features)
+    assert torch.equal(features["same"].condition, features["back"].condition)
+    mixed = models["mixed"]
+    assert mixed.reencodes_condition and not models["back"].reencodes_condition
+    assert not models["same"].reencodes_condition
+    back_chain = features["back"].layer_features.double()
+    assert torch.equal(models["back"].condition_energies(e, back_chain), back_chain)
+    recoded = mixed.condition_energies(e, back_chain)
+    assert torch.allclose(recoded, features["front"].layer_features.double(), atol=1e-4)
 
 
 @pytest.mark.parametrize("voxel_noise", ["poisson", "poisson-gamma"])
@@ -348,6 +376,8 @@ def test_config_round_trips_through_json_dict():
     ({"hidden": 512}, "list"),
     ({"latent_dim": 2.5}, "integer"),
     ({"flow_transforms": 0}, "at least 1"),
+    ({"condition_order": "middle"}, "condition_order"),
+    ({"preprocessing": "paper", "reconstruction_loss": "mse", "condition_order": "front"}, "condition_order orders"),
 ])
 def test_bad_overrides_raise_config_errors(overrides, match):
     with pytest.raises(ConfigError, match=match):

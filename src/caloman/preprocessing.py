@@ -42,6 +42,8 @@ PREPROCESSINGS = ("paper", "per-layer")
 #: Orders of :class:`LayerEnergyEncoding`'s chain of fractions: from the first layer (CaloFlow's)
 #: or from the deepest.
 LAYER_ENERGY_ORDERS = ("front", "back")
+# The condition's chain: "flow" (the layer-energy flow's own) or a fixed order.
+CONDITION_ORDERS = ("flow",) + LAYER_ENERGY_ORDERS
 
 #: CaloFlow's logit regulariser (Krause & Shih 2021, Eq. 4.3): u in [0, 1] maps to [-13.8, 13.8].
 LOGIT_ALPHA = 1e-6
@@ -348,6 +350,10 @@ class LayerEnergyEncoding:
         energy conserving)."""
         return self._ordered(self.from_fractions(incident_energies, inverse_logit(features, self.alpha)))
 
+    def with_order(self, order: str) -> LayerEnergyEncoding:
+        """The same fitted encoding with its chain in ``order``."""
+        return LayerEnergyEncoding(self.u0_scale, self.alpha, order)
+
     def state(self) -> dict[str, np.ndarray]:
         return {"u0_scale": np.float64(self.u0_scale)}
 
@@ -493,7 +499,8 @@ def _unprefixed(prefix: str, state: dict[str, Any]) -> dict[str, Any]:
 
 
 __all__ = [
-    "PREPROCESSINGS", "LAYER_ENERGY_ORDERS", "LOGIT_ALPHA", "LAYER_EPS_MEV", "IncidentEnergyScaling", "PaperScaling",
+    "PREPROCESSINGS", "LAYER_ENERGY_ORDERS", "CONDITION_ORDERS", "LOGIT_ALPHA", "LAYER_EPS_MEV",
+    "IncidentEnergyScaling", "PaperScaling",
     "LayerNormalisation", "LayerEnergyEncoding", "PaperPreprocessing", "PerLayerPreprocessing", "make_preprocessing",
     "apply_threshold", "logit", "inverse_logit",
 ]

@@ -8,7 +8,9 @@ condition along:
 
 * layer-energy flow: state [layer-energy noise (L), scaled E_inc];
 * latent flow: state [latent noise (d), encoded layer energies (L), scaled E_inc], whose
-  condition [scaled E_inc, encoded / 14] is folded into the hypernetworks' first layers;
+  condition [scaled E_inc, encoded / 14] is folded into the hypernetworks' first layers
+  (the encoded layer energies in the condition's chain: re-encoded where
+  ``condition_order`` differs from the flow's);
 * the decoder's first layer reads the latent flow's output state: the code standardisation
   (codes * std + mean) and the condition are folded into its weights;
 * the rest (layer-energy decoding, per-layer scaling, voxel noise, readout) is the model's
@@ -101,6 +103,8 @@ class CaloManGraph(nn.Module):
         scaled = pipeline.incident.forward(incident).reshape(-1, 1).to(incident.dtype)
         layer_state = self.layer_flow(torch.cat((normal[:, columns["layer_energies"]], scaled), dim=-1))
         encoded = layer_state[:, :self.n_layers]
+        if model.reencodes_condition:  # the condition holds the layer energies in another chain
+            layer_state = torch.cat((model.condition_energies(incident, encoded), scaled), dim=-1)
         latent_state = self.latent_flow(torch.cat((normal[:, columns["latent"]], layer_state), dim=-1))
         decoded = model.autoencoder.output(model.autoencoder.decoder[1:](self.decoder_input(latent_state)))
         voxel_noise = None

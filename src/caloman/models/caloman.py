@@ -45,6 +45,7 @@ from caloman.models.mflow import MFLOW_KINDS, SCHEDULES, MFlowAutoencoder, gram_
 from caloman.models.readout import LayerLayout, threshold_keeping_layer_energies
 from caloman.models.voxel_noise import QUANTA_BIN_EDGES, poisson_fluctuations, quanta_bins, take
 from caloman.preprocessing import (
+    CONDITION_ORDERS,
     LAYER_ENERGY_ORDERS,
     PREPROCESSINGS,
     PaperPreprocessing,
@@ -193,8 +194,15 @@ class CaloManConfig(ModelConfig):
             (:class:`~caloman.preprocessing.LayerEnergyEncoding`; per-layer preprocessing
             only): ``"front"`` (CaloFlow's: the first layer's share first, the deepest
             layer takes the rest) or ``"back"`` (the deepest layer's share first, the
-            first layer takes the rest). It orders the layer-energy flow's variables and
-            the decoder's condition.
+            first layer takes the rest). It orders the layer-energy flow's variables
+            (and, with ``condition_order = "flow"``, the condition).
+        condition_order: the chain in which the condition of the autoencoder and the
+            latent flow holds the encoded layer energies: ``"flow"`` (default; the
+            layer-energy flow's, ``layer_energy_order``, as every run before 2026-12-08),
+            ``"front"`` or ``"back"``. With ``layer_energy_order = "back"`` and
+            ``condition_order = "front"`` the flow's chain starts at the deepest layer
+            while the decoder's condition stays CaloFlow's; generation re-encodes the
+            sampled layer energies for the condition.
     Flows (coupling RQS flows, see :class:`ConditionalFlow`):
         flow_transforms, flow_hidden, flow_bins, flow_hypernet: the latent flow.
         layer_flow_transforms, layer_flow_hidden, layer_flow_bins: the layer-energy flow.
@@ -259,6 +267,7 @@ class CaloManConfig(ModelConfig):
     mmd_weight: float = 1.0
     conditional_autoencoder: bool = True
     layer_energy_order: str = "front"
+    condition_order: str = "flow"
     flow_transforms: int = 4
     flow_hidden: tuple[int, ...] = (128, 128)
     flow_bins: int = 8
@@ -296,7 +305,7 @@ class CaloManConfig(ModelConfig):
                    "reconstruction_loss": RECONSTRUCTION_LOSSES, "encoder_input": ENCODER_INPUTS,
                    "flow_hypernet": HYPERNETS, "voxel_noise": VOXEL_NOISES, "mflow_schedule": SCHEDULES,
                    "layer_readout": LAYER_READOUTS, "latent_density": LATENT_DENSITIES,
-                   "layer_energy_order": LAYER_ENERGY_ORDERS}
+                   "layer_energy_order": LAYER_ENERGY_ORDERS, "condition_order": CONDITION_ORDERS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"model option {name} = {getattr(self, name)!r} is not one of "
@@ -307,6 +316,9 @@ class CaloManConfig(ModelConfig):
         if self.layer_energy_order != "front" and self.preprocessing != "per-layer":
             raise ConfigError("layer_energy_order orders the per-layer preprocessing's layer energies: use it "
                               "with preprocessing = 'per-layer'")
+        if self.condition_order != "flow" and self.preprocessing != "per-layer":
+            raise ConfigError("condition_order orders the per-layer preprocessing's layer energies in the "
+                              "condition: use it with preprocessing = 'per-layer'")
         positive = {"latent_dim": self.latent_dim, "flow_transforms": self.flow_transforms,
                     "layer_flow_transforms": self.layer_flow_transforms}
         for name, value in positive.items():
@@ -455,7 +467,6 @@ class CaloManModel(ShowerModel):
             self.register_buffer("spot_table_rows", self.voxel_layer_index * spot_noise.TABLE_COUNTS,
                                  persistent=False)
 
-    # -- configuration ---------------------------------------------------------------------
     # -- preprocessing -------------------------------------------------------------------
     def _pipeline(self) -> PaperPreprocessing | PerLayerPreprocessing:
         """The preprocessing with its constants taken from the buffers (torch path)."""
@@ -510,8 +521,27 @@ class CaloManModel(ShowerModel):
             fill = torch.rand_like(energies) if random else torch.full_like(energies, 0.5)
             energies = torch.where(energies > 0, energies, fill * (0.5 * self.threshold))
         encoded = pipeline.energies.forward(incident, energies)
-        condition = torch.cat((scaled, encoded / LOGIT_BOUND), dim=-1)
+        in_condition = (pipeline.energies.with_order(self.config.condition_order).forward(incident, energies)
+                        if self.reencodes_condition else encoded)
+        condition = torch.cat((scaled, in_condition / LOGIT_BOUND), dim=-1)
         return _Features(shapes.float(), condition.float(), scaled.float(), encoded.float())
+
+    @property
+    def reencodes_condition(self) -> bool:
+        """Whether the condition holds the layer energies in another chain than the flow's."""
+        order = self.config.condition_order
+        return self.per_layer and order not in ("flow", self.config.layer_energy_order)
+
+    def condition_energies(self, incident: Tensor, encoded: Tensor) -> Tensor:
+        """The layer energies in the condition's chain (n, L), from the layer-energy flow's
+        encoded ones (n, L) and E_inc (n,) in MeV: ``encoded`` itself unless
+        :attr:`reencodes_condition`, else decoded to MeV and encoded again (in float64)."""
+        if not self.reencodes_condition:
+            return encoded
+        pipeline = self._pipeline()
+        energies = pipeline.energies.inverse(incident.double(), encoded.double())
+        recoded = pipeline.energies.with_order(self.config.condition_order).forward(incident.double(), energies)
+        return recoded.to(encoded.dtype)
 
     def _ae_context(self, condition: Tensor) -> Tensor | None:
         return condition if self.config.conditional_autoencoder else None
@@ -857,7 +887,7 @@ class CaloManModel(ShowerModel):
         scaled = pipeline.incident.forward(incident).reshape(-1, 1).to(incident.dtype)
         if self.per_layer:
             encoded = self.layer_energy.from_noise(normal[:, columns["layer_energies"]], scaled)
-            condition = torch.cat((scaled, encoded / LOGIT_BOUND), dim=-1)
+            condition = torch.cat((scaled, self.condition_energies(incident, encoded) / LOGIT_BOUND), dim=-1)
         else:
             encoded, condition = None, scaled
         codes = self._sample_codes(normal, columns, condition)
