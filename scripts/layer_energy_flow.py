@@ -17,7 +17,10 @@ the separation of the two halves of the held-out file.
 A variant may end in ``,back`` or ``,front``: the layer-energy encoding's chain order
 (``CaloManConfig.layer_energy_order``; "back" starts at the deepest layer, so the first
 layer takes what is left); without it, the run's own. ``,reversed`` is kept as a name for
-``,back``: a test of whether the chain's order makes the deepest layers' error.
+``,back``: a test of whether the chain's order makes the deepest layers' error. ``,max``
+(this script only, not a model option yet) chains layers 0..m-1, then the deepest layer
+back to m+1, and the shower maximum m (the layer with the largest mean energy in the
+held-out file) takes what is left.
 
 The retrained flows use the run's preprocessing (its layer-energy encoding) and a plain
 AdamW loop with the training module's cosine learning rate (no warm-up) and gradient
@@ -41,11 +44,28 @@ import torch
 from caloman.io import ShowerFile
 from caloman.metrics.separation import CHALLENGE_BINNINGS, binning_family, histogram_pair
 from caloman.models.layer_energy import LayerEnergyModel
-from caloman.preprocessing import LAYER_ENERGY_ORDERS, LayerEnergyEncoding
+from caloman.preprocessing import LAYER_ENERGY_ORDERS, LayerEnergyEncoding, inverse_logit, logit
 from caloman.runs import load_run
 from caloman.training import TrainingConfig, learning_rate_at
 
 DEFAULT_VARIANTS = ("longer:4,64x64,16,160", "wider:4,128x128,16,80", "deeper:8,64x64,16,80")
+CHAIN_ORDERS = (*LAYER_ENERGY_ORDERS, "max")
+
+
+class MaximumLastEncoding(LayerEnergyEncoding):
+    """The chain over layers 0..m-1, then L-1 down to m+1; layer m (the shower maximum)
+    takes what is left, so neither end of the shower inherits every fraction's error."""
+
+    def __init__(self, u0_scale: float, n_layers: int, maximum: int) -> None:
+        super().__init__(u0_scale)
+        self.chain = torch.as_tensor(np.r_[np.arange(maximum), np.arange(n_layers - 1, maximum, -1), maximum])
+        self.layer_of = torch.argsort(self.chain)
+
+    def forward(self, incident_energies, layer_energies):
+        return logit(self.to_fractions(incident_energies, layer_energies[..., self.chain]), self.alpha)
+
+    def inverse(self, incident_energies, features):
+        return self.from_fractions(incident_energies, inverse_logit(features, self.alpha))[..., self.layer_of]
 
 
 def parse_variant(text: str) -> tuple[str, int, tuple[int, ...], int, int, str | None]:
@@ -53,14 +73,17 @@ def parse_variant(text: str) -> tuple[str, int, tuple[int, ...], int, int, str |
     name, spec = text.split(":")
     transforms, hidden, bins, epochs, *order = spec.split(",")
     chain = {"reversed": "back"}.get(order[0], order[0]) if order else None
-    if chain is not None and chain not in LAYER_ENERGY_ORDERS:
-        raise SystemExit(f"variant {text!r}: order {order[0]!r} is not one of {', '.join(LAYER_ENERGY_ORDERS)}")
+    if chain is not None and chain not in CHAIN_ORDERS:
+        raise SystemExit(f"variant {text!r}: order {order[0]!r} is not one of {', '.join(CHAIN_ORDERS)}")
     return name, int(transforms), tuple(int(h) for h in hidden.split("x")), int(bins), int(epochs), chain
 
 
-def encoding_for(model, order: str | None) -> LayerEnergyEncoding:
-    """The run's layer-energy encoding, with the chain in ``order`` (None: the run's)."""
+def encoding_for(model, order: str | None, maximum: int) -> LayerEnergyEncoding:
+    """The run's layer-energy encoding, with the chain in ``order`` (None: the run's; "max":
+    ending at layer index ``maximum``)."""
     energies = model._pipeline().energies
+    if order == "max":
+        return MaximumLastEncoding(energies.u0_scale, model.n_layers, maximum)
     return LayerEnergyEncoding(energies.u0_scale, order=order or energies.order)
 
 
@@ -151,6 +174,9 @@ def report(name: str, model, reference: np.ndarray, generated: np.ndarray, empty
     """One flow's line; ``generated`` layer energies (n, L) MeV, ``empty`` (n, L) which count as empty."""
     powers = separations(model, reference, np.where(empty | (generated < model.threshold), 0.0, generated))
     deep = powers[-10:]
+    if len(powers) > 35:  # datasets 2 and 3 (45 layers)
+        print(f"{name:>10}: mean over layer indices 0-24 / 25-34 / 35-: {powers[:25].mean():.4f} / "
+              f"{powers[25:35].mean():.4f} / {powers[35:].mean():.4f}")
     print(f"{name:>10}: max {powers.max():.4f} (layer index {int(powers.argmax())}), deepest ten max "
           f"{deep.max():.4f} mean {deep.mean():.4f}, empty {empty[:, -10:].mean():.3f} (held out "
           f"{(reference[:, -10:] == 0).mean():.3f}){extra}", flush=True)
@@ -167,6 +193,8 @@ def main() -> None:
     args = parser.parse_args()
     model = load_run(args.run).model.eval()
     incident, reference = held_out_layer_energies(model, args.reference)
+    maximum = int(reference.mean(axis=0).argmax())
+    print(f"shower maximum (largest mean layer energy): layer index {maximum}", flush=True)
     half = len(incident) // 2
     report("floor", model, reference[:half], reference[half:2 * half], reference[half:2 * half] == 0,
            " (two held-out halves)")
@@ -177,7 +205,7 @@ def main() -> None:
     for text in args.variant or DEFAULT_VARIANTS:
         name, transforms, hidden, bins, epochs, order = parse_variant(text)
         t0 = time.perf_counter()
-        encoding = encoding_for(model, order)
+        encoding = encoding_for(model, order, maximum)
         inputs = reencode(model, features, condition, encoding)
         flow, loss, epoch = retrain(inputs, condition, model.n_layers, transforms, hidden, bins, epochs, args.seed)
         generated = sampled_layer_energies(model, flow, incident, args.seed, encoding)
