@@ -42,7 +42,7 @@ PREPROCESSINGS = ("paper", "per-layer")
 #: Orders of :class:`LayerEnergyEncoding`'s chain of fractions: from the first layer (CaloFlow's)
 #: or from the deepest.
 LAYER_ENERGY_ORDERS = ("front", "back")
-# The condition's chain: "flow" (the layer-energy flow's own) or a fixed order.
+#: Orders of the condition's layer-energy chain: "flow" (the layer-energy flow's own) or a fixed one.
 CONDITION_ORDERS = ("flow",) + LAYER_ENERGY_ORDERS
 
 #: CaloFlow's logit regulariser (Krause & Shih 2021, Eq. 4.3): u in [0, 1] maps to [-13.8, 13.8].
