@@ -84,7 +84,7 @@ def encoding_for(model, order: str | None, maximum: int) -> LayerEnergyEncoding:
     energies = model._pipeline().energies
     if order == "max":
         return MaximumLastEncoding(energies.u0_scale, model.n_layers, maximum)
-    return LayerEnergyEncoding(energies.u0_scale, order=order or energies.order)
+    return energies.with_order(order or energies.order)
 
 
 def reencode(model, features: torch.Tensor, condition: torch.Tensor, encoding: LayerEnergyEncoding) -> torch.Tensor:

@@ -104,7 +104,7 @@ class CaloManGraph(nn.Module):
         layer_state = self.layer_flow(torch.cat((normal[:, columns["layer_energies"]], scaled), dim=-1))
         encoded = layer_state[:, :self.n_layers]
         if model.reencodes_condition:  # the condition holds the layer energies in another chain
-            layer_state = torch.cat((model.condition_energies(incident, encoded), scaled), dim=-1)
+            layer_state = torch.cat((model.condition_energies(incident, encoded, pipeline), scaled), dim=-1)
         latent_state = self.latent_flow(torch.cat((normal[:, columns["latent"]], layer_state), dim=-1))
         decoded = model.autoencoder.output(model.autoencoder.decoder[1:](self.decoder_input(latent_state)))
         voxel_noise = None

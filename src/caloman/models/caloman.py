@@ -532,13 +532,14 @@ class CaloManModel(ShowerModel):
         order = self.config.condition_order
         return self.per_layer and order not in ("flow", self.config.layer_energy_order)
 
-    def condition_energies(self, incident: Tensor, encoded: Tensor) -> Tensor:
+    def condition_energies(self, incident: Tensor, encoded: Tensor, pipeline: Any = None) -> Tensor:
         """The layer energies in the condition's chain (n, L), from the layer-energy flow's
         encoded ones (n, L) and E_inc (n,) in MeV: ``encoded`` itself unless
-        :attr:`reencodes_condition`, else decoded to MeV and encoded again (in float64)."""
+        :attr:`reencodes_condition`, else decoded to MeV and encoded again (in float64);
+        ``pipeline``: the caller's :meth:`_pipeline`, if it has one."""
         if not self.reencodes_condition:
             return encoded
-        pipeline = self._pipeline()
+        pipeline = pipeline or self._pipeline()
         energies = pipeline.energies.inverse(incident.double(), encoded.double())
         recoded = pipeline.energies.with_order(self.config.condition_order).forward(incident.double(), energies)
         return recoded.to(encoded.dtype)
@@ -887,7 +888,7 @@ class CaloManModel(ShowerModel):
         scaled = pipeline.incident.forward(incident).reshape(-1, 1).to(incident.dtype)
         if self.per_layer:
             encoded = self.layer_energy.from_noise(normal[:, columns["layer_energies"]], scaled)
-            condition = torch.cat((scaled, self.condition_energies(incident, encoded) / LOGIT_BOUND), dim=-1)
+            condition = torch.cat((scaled, self.condition_energies(incident, encoded, pipeline) / LOGIT_BOUND), dim=-1)
         else:
             encoded, condition = None, scaled
         codes = self._sample_codes(normal, columns, condition)
